@@ -1,0 +1,51 @@
+"""Curvature matrices of neural networks as structured CoLA linear operators."""
+
+# isort: off
+from cola_curvature import _compat  # noqa: F401  (pins and shims CoLA before anything uses it)
+import dispatch_rules  # noqa: F401  (registers the rules on cola.linalg)
+
+# isort: on
+from importlib.util import find_spec
+
+from cola_curvature import losses
+from cola_curvature.backends import curvature_backend
+from cola_curvature.operators import (
+    EKFAC,
+    GGN,
+    KFAC,
+    CurvatureOperator,
+    EigenKronecker,
+    EmpiricalFisher,
+    FisherMC,
+    Hessian,
+    KroneckerBlock,
+    KroneckerFactored,
+)
+from cola_curvature.options import DampingMode, FisherType, KFACApprox, Reduction
+
+if find_spec("torch") is not None:  # torch is an optional extra
+    import cola_curvature.backends.torch  # noqa: F401  (registers the torch backend)
+
+__all__ = [
+    # matrix-free operators
+    "CurvatureOperator",
+    "EmpiricalFisher",
+    "FisherMC",
+    "GGN",
+    "Hessian",
+    # Kronecker-factored operators and their structure
+    "EKFAC",
+    "KFAC",
+    "EigenKronecker",
+    "KroneckerBlock",
+    "KroneckerFactored",
+    # options
+    "DampingMode",
+    "FisherType",
+    "KFACApprox",
+    "Reduction",
+    # losses
+    "losses",
+    # backends
+    "curvature_backend",
+]

@@ -1,0 +1,52 @@
+"""Validation of user input shared by all operators, with errors that name the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from cola_curvature.backends import CurvatureBackend
+
+
+def check_data(data: Any) -> None:
+    """Raise ``TypeError`` unless ``data`` can be iterated over more than once."""
+    if isinstance(data, Iterator) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be a re-iterable of (X, y) batches such as a list or a DataLoader, "
+            f"got {type(data).__name__}; wrap a generator in list(...)."
+        )
+
+
+def _unpack(batch: Any, index: int) -> tuple[Any, Any]:
+    """Return ``(X, y)`` from one batch or raise naming the expected format."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            f"batch {index} of data is a {type(batch).__name__}; expected a pair (X, y)."
+        )
+    return batch[0], batch[1]
+
+
+def count_examples(
+    data: Iterable[Any],
+    batch_size_fn: Callable[[Any], int],
+    backend: CurvatureBackend,
+    num_data: int | None,
+) -> int:
+    """Return the number of examples in ``data`` after checking every batch once.
+
+    Each batch must be a pair ``(X, y)`` without NaN or infinite values. A given
+    ``num_data`` replaces the count (``data`` may be one shard of a larger data set) and
+    must not be smaller than it.
+    """
+    counted = 0
+    for index, batch in enumerate(data):
+        inputs, targets = _unpack(batch, index)
+        backend.check_batch((inputs, targets))
+        counted += batch_size_fn(inputs)
+    if counted == 0:
+        raise ValueError("data is empty; pass at least one (X, y) batch with one example.")
+    if num_data is None:
+        return counted
+    if num_data < counted:
+        raise ValueError(f"num_data={num_data} but data holds {counted} examples.")
+    return num_data

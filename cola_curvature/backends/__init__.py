@@ -1,0 +1,24 @@
+"""Autodiff backends, chosen by multiple dispatch on the type of the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from plum import Dispatcher
+
+from cola_curvature.backends._protocol import CurvatureBackend
+
+#: The dispatcher that backends register their model types with.
+dispatch = Dispatcher()
+
+
+@dispatch
+def curvature_backend(model: object, loss_func: Any, params: Any) -> CurvatureBackend:
+    """Return the backend for ``model``; backends register methods for their model types."""
+    raise TypeError(
+        f"No curvature backend for a model of type {type(model).__name__}; expected a "
+        "torch.nn.Module (install the 'torch' extra)."
+    )
+
+
+__all__ = ["CurvatureBackend", "curvature_backend", "dispatch"]

@@ -1,0 +1,106 @@
+"""The interface an autodiff backend offers to the curvature operators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from cola_curvature.losses import Loss, RandomSource
+
+Array = Any
+Batch = tuple[Any, Any]
+#: One entry per parameter, each of shape ``(k, *param.shape)``: ``k`` tangent columns.
+ParamColumns = list[Array]
+#: ``(f, y, JV) -> U``: an output-space matrix applied to ``JV`` of shape ``(k, *f.shape)``.
+OutputMatmat = Callable[[Array, Array, Array], Array]
+#: ``(f, y) -> scalar``: the scaled risk contributed by one batch.
+BatchRisk = Callable[[Array, Array], Array]
+
+
+class CurvatureBackend(Protocol):
+    """Products with the Jacobian and Hessian of a model, and the plumbing around them."""
+
+    loss: Loss
+    dtype: Any
+    device: Any
+    num_params: int
+
+    def forward(self, inputs: Any) -> Array:
+        """Return the model output ``f(x)`` for one batch of inputs."""
+
+    def gauss_newton_matmat(
+        self, columns: ParamColumns, batch: Batch, output_matmat: OutputMatmat
+    ) -> ParamColumns:
+        """Return ``Jᵀ M J V`` with ``M`` given by ``output_matmat``, one forward pass shared."""
+
+    def hessian_matmat(self, columns: ParamColumns, batch: Batch, risk: BatchRisk) -> ParamColumns:
+        """Return ``∇²_θ risk · V`` by forward-over-reverse differentiation."""
+
+    @property
+    def param_names(self) -> list[str]:
+        """Return a readable name of each parameter, in ``params`` order."""
+
+    @property
+    def param_sizes(self) -> list[int]:
+        """Return the number of entries of each parameter, in ``params`` order."""
+
+    def kronecker_layers(self) -> list[Any]:
+        """Return the layers KFAC supports that own entries of ``params``."""
+
+    def kronecker_statistics(
+        self,
+        batch: Batch,
+        layers: list[Any],
+        num_data: int,
+        fisher_type: Any,
+        kfac_approx: Any,
+        mc_samples: int,
+        rng: RandomSource,
+    ) -> Any:
+        """Return one batch's unnormalised KFAC factor statistics per layer."""
+
+    def kronecker_eigencorrections(
+        self,
+        batch: Batch,
+        layers: list[Any],
+        num_data: int,
+        fisher_type: Any,
+        mc_samples: int,
+        rng: RandomSource,
+        bases: dict[str, tuple[Array, Array]],
+    ) -> dict[str, Array]:
+        """Return one batch's EKFAC eigenvalue corrections per layer."""
+
+    def flatten(self, columns: ParamColumns) -> Array:
+        """Stack per-parameter columns ``(k, *p.shape)`` into a matrix ``(D, k)``."""
+
+    def unflatten(self, matrix: Array) -> ParamColumns:
+        """Split a matrix ``(D, k)`` into per-parameter columns ``(k, *p.shape)``."""
+
+    def as_param_matrix(self, tensors: Any) -> Array:
+        """Turn parameter-shaped input into a ``(D, 1)`` matrix, validating the shapes."""
+
+    def as_param_format(self, matrix: Array) -> Any:
+        """Turn a ``(D, 1)`` matrix back into the parameter format."""
+
+    def check_matrix(self, v: Any) -> None:
+        """Raise when ``v`` is not a ``(D,)`` or ``(D, k)`` array of the right dtype and device."""
+
+    def batch_size(self, inputs: Any) -> int:
+        """Return the number of examples in a batch of inputs."""
+
+    def check_batch(self, batch: Batch) -> None:
+        """Raise when a batch contains NaN or infinite values."""
+
+    def batches_equal(self, first: Batch, second: Batch) -> bool:
+        """Return whether two batches hold the same values."""
+
+    def arrays_close(self, first: Array, second: Array) -> bool:
+        """Return whether two arrays agree to the working precision."""
+
+    def preserved_state(self) -> AbstractContextManager[None]:
+        """Context in which RNG states and buffers the products touch are restored after."""
+
+    def random(self, seed: int) -> RandomSource:
+        """Return a random source seeded with ``seed`` that leaves global RNG alone."""

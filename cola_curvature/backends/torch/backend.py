@@ -1,0 +1,260 @@
+"""The PyTorch curvature backend: a functional view of an ``nn.Module`` and its products."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from cola_curvature.backends.torch import kfac, products
+from cola_curvature.backends.torch.losses import as_loss
+from cola_curvature.backends.torch.state import TorchRandom, preserved_global_state
+from cola_curvature.losses import Loss
+from cola_curvature.options import FisherType, KFACApprox
+
+
+def _parameter_names(model: nn.Module, params: Sequence[Any]) -> list[str]:
+    """Return the module names of ``params``, matched by identity, with clear errors."""
+    if not isinstance(params, (list, tuple)) or len(params) == 0:
+        raise TypeError(
+            "params must be a non-empty list of the model's parameters, got "
+            f"{type(params).__name__}."
+        )
+    names_by_id = {id(p): name for name, p in model.named_parameters()}
+    names = []
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}.")
+        if id(p) not in names_by_id:
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the model; pass "
+                "tensors from model.parameters() (the same objects, not copies)."
+            )
+        names.append(names_by_id[id(p)])
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"params lists {', '.join(duplicated)} more than once; pass each once.")
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(
+            f"params must share one dtype and device, got dtypes {dtypes} and devices {devices}."
+        )
+    return names
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Return the tensors inside a nested batch structure."""
+    leaves, _ = torch.utils._pytree.tree_flatten(obj)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+class TorchBackend:
+    """Products of a torch model's Jacobian and Hessian w.r.t. a subset of its parameters.
+
+    The model runs through :func:`torch.func.functional_call` on detached copies of
+    the parameters and clones of the buffers, so the user's tensors, ``requires_grad``
+    flags, train/eval modes and batch-norm statistics are never modified.
+    """
+
+    def __init__(self, model: nn.Module, loss_func: Any, params: Sequence[torch.Tensor]) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.loss: Loss = as_loss(loss_func)
+        self._model = model
+        self._names = _parameter_names(model, params)
+        self._params = list(params)
+        self._shapes = [tuple(p.shape) for p in params]
+        self._sizes = [p.numel() for p in params]
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.num_params = sum(self._sizes)
+
+    def _functional_state(self) -> dict[str, torch.Tensor]:
+        """Return detached parameters and cloned buffers for one functional call."""
+        state = {name: p.detach() for name, p in self._model.named_parameters()}
+        state.update({name: b.clone() for name, b in self._model.named_buffers()})
+        return state
+
+    def _model_fn(self) -> Callable[[Sequence[torch.Tensor], Any], torch.Tensor]:
+        """Return ``(params, inputs) -> f`` evaluating the model at the given ``params``."""
+        state = self._functional_state()
+
+        def model_fn(params: Sequence[torch.Tensor], inputs: Any) -> torch.Tensor:
+            state.update(zip(self._names, params, strict=True))
+            return functional_call(self._model, state, (inputs,))
+
+        return model_fn
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        """Return the model output ``f(x)`` without a graph."""
+        with torch.no_grad():
+            return self._model_fn()(self._params, inputs)
+
+    def gauss_newton_matmat(
+        self, columns: list[torch.Tensor], batch: tuple[Any, Any], output_matmat: Callable
+    ) -> list[torch.Tensor]:
+        """Return ``Jᵀ M J V`` on one batch (see :func:`products.gauss_newton_matmat`)."""
+        inputs, targets = batch
+        return products.gauss_newton_matmat(
+            self._model_fn(), self._params, columns, inputs, targets, output_matmat
+        )
+
+    def hessian_matmat(
+        self, columns: list[torch.Tensor], batch: tuple[Any, Any], risk: Callable
+    ) -> list[torch.Tensor]:
+        """Return ``∇²_θ risk · V`` on one batch (see :func:`products.hessian_matmat`)."""
+        inputs, targets = batch
+        return products.hessian_matmat(
+            self._model_fn(), self._params, columns, inputs, targets, risk
+        )
+
+    def kronecker_layers(self) -> list[kfac.KroneckerLayer]:
+        """Return the ``Linear``/``Conv2d`` layers owning entries of ``params``."""
+        return kfac.kronecker_layers(self._model, self._params)
+
+    def kronecker_statistics(
+        self,
+        batch: tuple[Any, Any],
+        layers: Sequence[kfac.KroneckerLayer],
+        num_data: int,
+        fisher_type: FisherType,
+        kfac_approx: KFACApprox,
+        mc_samples: int,
+        rng: TorchRandom,
+    ) -> kfac.BatchStatistics:
+        """Return one batch's unnormalised KFAC factor statistics per layer."""
+        signals = kfac.layer_signals(
+            self._model_fn(),
+            self._params,
+            layers,
+            batch,
+            self.loss,
+            num_data,
+            fisher_type,
+            mc_samples,
+            rng,
+        )
+        return kfac.batch_statistics(signals, kfac_approx)
+
+    def kronecker_eigencorrections(
+        self,
+        batch: tuple[Any, Any],
+        layers: Sequence[kfac.KroneckerLayer],
+        num_data: int,
+        fisher_type: FisherType,
+        mc_samples: int,
+        rng: TorchRandom,
+        bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
+        """Return one batch's EKFAC eigenvalue corrections per layer."""
+        signals = kfac.layer_signals(
+            self._model_fn(),
+            self._params,
+            layers,
+            batch,
+            self.loss,
+            num_data,
+            fisher_type,
+            mc_samples,
+            rng,
+        )
+        return kfac.batch_eigencorrections(signals, bases)
+
+    @property
+    def param_names(self) -> list[str]:
+        """Return the module names of ``params`` (e.g. ``"0.weight"``), in ``params`` order."""
+        return list(self._names)
+
+    @property
+    def param_sizes(self) -> list[int]:
+        """Return the number of entries of each parameter, in ``params`` order."""
+        return list(self._sizes)
+
+    def flatten(self, columns: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stack per-parameter columns ``(k, *p.shape)`` into a ``(D, k)`` matrix."""
+        return torch.cat([c.reshape(c.shape[0], -1) for c in columns], dim=1).T
+
+    def unflatten(self, matrix: torch.Tensor) -> list[torch.Tensor]:
+        """Split a ``(D, k)`` matrix into per-parameter columns ``(k, *p.shape)``."""
+        blocks = matrix.T.split(self._sizes, dim=1)
+        return [b.reshape((matrix.shape[1], *s)) for b, s in zip(blocks, self._shapes, strict=True)]
+
+    def as_param_matrix(self, tensors: Sequence[Any]) -> torch.Tensor:
+        """Turn a list of tensors shaped like ``params`` into a ``(D, 1)`` matrix."""
+        shapes = [tuple(getattr(t, "shape", ())) for t in tensors]
+        if len(tensors) != len(self._shapes) or shapes != self._shapes:
+            raise ValueError(
+                f"parameter-shaped input must be {len(self._shapes)} tensors of shapes "
+                f"{self._shapes}, got {len(tensors)} of shapes {shapes}."
+            )
+        for t in tensors:
+            self._check_array(t)
+        return self.flatten([t[None] for t in tensors])
+
+    def as_param_format(self, matrix: torch.Tensor) -> list[torch.Tensor]:
+        """Turn a ``(D, 1)`` matrix into a list of tensors shaped like ``params``."""
+        return [c[0] for c in self.unflatten(matrix)]
+
+    def _check_array(self, v: Any) -> None:
+        """Raise unless ``v`` is a tensor of the parameters' dtype and device."""
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(v).__name__}.")
+        if v.dtype != self.dtype or v.device != self.device:
+            raise ValueError(
+                f"expected a tensor with dtype {self.dtype} on {self.device} like the "
+                f"parameters, got dtype {v.dtype} on {v.device}; convert it with "
+                f"v.to(dtype={self.dtype}, device='{self.device}')."
+            )
+
+    def check_matrix(self, v: Any) -> None:
+        """Raise unless ``v`` has shape ``(D,)`` or ``(D, k)`` and the parameters' dtype/device."""
+        self._check_array(v)
+        if v.ndim not in (1, 2) or v.shape[0] != self.num_params:
+            raise ValueError(
+                f"params have {self.num_params} entries but v has shape {tuple(v.shape)}; "
+                f"expected (D,) or (D, k) with D={self.num_params}, or a list of tensors "
+                "shaped like params."
+            )
+
+    def batch_size(self, inputs: Any) -> int:
+        """Return ``inputs.shape[0]``; other inputs need a ``batch_size_fn``."""
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(
+                f"inputs of type {type(inputs).__name__} are not a tensor; pass "
+                "batch_size_fn=... that returns the number of examples in a batch."
+            )
+        return inputs.shape[0]
+
+    def check_batch(self, batch: tuple[Any, Any]) -> None:
+        """Raise when a batch holds NaN or infinite values."""
+        for t in _tensors(batch):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(
+                    "data contains NaN or infinite values; clean or impute them before "
+                    "building a curvature operator."
+                )
+
+    def batches_equal(self, first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
+        """Return whether two batches hold identical tensors."""
+        a, b = _tensors(first), _tensors(second)
+        return len(a) == len(b) and all(
+            x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True)
+        )
+
+    def arrays_close(self, first: torch.Tensor, second: torch.Tensor) -> bool:
+        """Return whether two arrays agree to a tolerance scaled to the dtype's precision."""
+        rtol = 1e3 * torch.finfo(first.dtype).eps
+        return bool(torch.allclose(first, second, rtol=rtol, atol=rtol * second.abs().max()))
+
+    def preserved_state(self) -> AbstractContextManager[None]:
+        """Context restoring the global RNG states on exit (see :func:`preserved_global_state`)."""
+        return preserved_global_state(self.device)
+
+    def random(self, seed: int) -> TorchRandom:
+        """Return a random source with its own generator, seeded with ``seed``."""
+        return TorchRandom(seed, self.device)

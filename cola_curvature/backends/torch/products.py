@@ -1,0 +1,381 @@
+"""Jacobian and Hessian products of a functional torch model from forward and reverse mode.
+
+``J v`` comes from dual tensors (``torch.autograd.forward_ad``) in the same forward pass
+that records the reverse-mode graph, so a GGN-vector product is one such pass plus one
+backward pass: about 1.4 gradients on CPU, against about 2 for a separate
+``torch.func.jvp`` and ``torch.func.vjp``. For more columns the operations that touch the
+first column's tangents are taped (below autograd, by a ``TorchDispatchMode``) and the
+tape is replayed for the other columns, so the model's primal forward pass, which a
+fresh dual pass would repeat, runs once per batch. Hessian products are reverse over
+reverse (double backward), which measured faster than forward over reverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwad
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+#: ``(params, inputs) -> outputs`` with params in the operator's order.
+ModelFn = Callable[[Sequence[torch.Tensor], object], torch.Tensor]
+
+#: Operations on tangents whose non-tensor results depend on shapes only (the same for
+#: every column); any other non-tensor result stops the tape.
+_SHAPE_ONLY_OPS = frozenset(
+    {torch.ops.aten.is_same_size.default, torch.ops.aten._has_same_storage_numel.default}
+)
+
+
+def _leaves(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Return fresh leaves that require grad, sharing memory with ``params``."""
+    return [p.detach().requires_grad_(True) for p in params]
+
+
+def _zeros_like_columns(columns: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Return zero products shaped like ``columns``."""
+    return [torch.zeros_like(c) for c in columns]
+
+
+def _seed(param: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """Return a copy of ``column`` with the memory layout of ``param``.
+
+    ``make_dual`` keeps such a tangent as it is (it copies one whose strides or offset
+    differ), so the taped tangent is the very tensor passed in.
+    """
+    return torch.empty_like(param).copy_(column)
+
+
+def _has_tensor_in(values: Iterable[Any], slot_of: dict[int, int]) -> bool:
+    """Return whether ``values`` (or a list among them) holds a tensor taped in ``slot_of``."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if id(value) in slot_of:
+                return True
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, torch.Tensor) and id(item) in slot_of:
+                    return True
+    return False
+
+
+def _written_arguments(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> list[Any]:
+    """Return the arguments ``func`` writes into (per its schema's alias annotations)."""
+    written = []
+    for i, argument in enumerate(func._schema.arguments):
+        info = argument.alias_info
+        if info is not None and info.is_write:
+            written.append(args[i] if i < len(args) else kwargs.get(argument.name))
+    return written
+
+
+class _TangentProgram:
+    """The taped operations that map the input tangents to the output tangents."""
+
+    def __init__(
+        self,
+        steps: list[tuple],
+        num_slots: int,
+        num_inputs: int,
+        output_slots: list[int],
+    ) -> None:
+        self._num_slots = num_slots
+        self._num_inputs = num_inputs
+        self._output_slots = output_slots
+        last_use: dict[int, int] = {}
+        for index, (_, _, _, refs, out_slots) in enumerate(steps):
+            for _, slot in refs:
+                last_use[slot] = index
+            for slot in out_slots:
+                if slot is not None:
+                    last_use[slot] = index
+        frees: list[list[int]] = [[] for _ in steps]
+        for slot, index in last_use.items():
+            if slot not in output_slots:
+                frees[index].append(slot)
+        self._steps = [(*step, free) for step, free in zip(steps, frees, strict=True)]
+
+    def replay(self, tangents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Return the output tangents for new input ``tangents`` (laid out as the taped ones)."""
+        env: list[Any] = [None] * self._num_slots
+        env[: self._num_inputs] = tangents
+        for func, spec, flat, refs, out_slots, free in self._steps:
+            values = list(flat)
+            for position, slot in refs:
+                values[position] = env[slot]
+            args, kwargs = tree_unflatten(values, spec)
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor):
+                env[out_slots[0]] = out
+            else:
+                for value, slot in zip(tree_flatten(out)[0], out_slots, strict=True):
+                    if slot is not None:
+                        env[slot] = value
+            for slot in free:
+                env[slot] = None
+        return [env[s] for s in self._output_slots]
+
+
+class _TangentTape(TorchDispatchMode):
+    """Tape, below autograd, every operation that reads a forward-mode tangent.
+
+    The operations of a dual forward pass split into primal ones, which never read a
+    tangent, and tangent ones. Starting from the input tangents, an operation that reads a
+    taped tensor is taped with its other arguments held as constants, and its outputs are
+    taped in turn. Replaying the tape for other input tangents gives the same output
+    tangents as a fresh dual pass, bit for bit, without the primal operations. The tape
+    gives up (and callers fall back to dual passes) when a tangent operation writes into
+    a constant, returns a value that is not a tensor (``.item()``, data-dependent
+    branches), or when a constant is modified in place after being read.
+    """
+
+    def __init__(self, tangents: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self._slot_of = {id(t): i for i, t in enumerate(tangents)}
+        self._alive: list[torch.Tensor] = list(tangents)  # keeps ids unique while taping
+        self._num_inputs = len(tangents)
+        self._steps: list[tuple] = []
+        self._constants: list[tuple[torch.Tensor, int]] = []
+        self._failure: str | None = None
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        """Run ``func`` and tape it when it reads a taped tensor."""
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self._failure is None and (
+            _has_tensor_in(args, self._slot_of) or _has_tensor_in(kwargs.values(), self._slot_of)
+        ):
+            self._tape(func, args, kwargs, out)
+        return out
+
+    def _tape(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """Append one tangent operation to the tape (or record why taping must stop)."""
+        slot_of = self._slot_of
+        for value in _written_arguments(func, args, kwargs):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, torch.Tensor) and id(v) not in slot_of for v in values):
+                self._failure = f"{func} writes a tangent into a tensor without one"
+                return
+        outputs, _ = tree_flatten(out)
+        if any(not isinstance(o, torch.Tensor) and o is not None for o in outputs):
+            if func not in _SHAPE_ONLY_OPS:
+                self._failure = f"{func} returns a value that is not a tensor"
+            return
+        flat, spec = tree_flatten((args, kwargs))
+        refs = []
+        for position, value in enumerate(flat):
+            if isinstance(value, torch.Tensor):
+                slot = slot_of.get(id(value))
+                if slot is None:
+                    self._constants.append((value, value._version))
+                else:
+                    refs.append((position, slot))
+                    flat[position] = None
+        out_slots: list[int | None] = []
+        for value in outputs:
+            if value is None:
+                out_slots.append(None)
+                continue
+            slot = slot_of.get(id(value))
+            if slot is None:
+                slot = len(self._alive)
+                slot_of[id(value)] = slot
+                self._alive.append(value)
+            out_slots.append(slot)
+        self._steps.append((func, spec, flat, refs, out_slots))
+
+    def program(self, outputs: Sequence[torch.Tensor]) -> _TangentProgram | None:
+        """Return the replayable program for ``outputs``, or ``None`` if taping failed."""
+        output_slots = [self._slot_of.get(id(o)) for o in outputs]
+        valid = (
+            self._failure is None
+            and all(s is not None for s in output_slots)
+            and all(t._version == version for t, version in self._constants)
+        )
+        num_slots = len(self._alive)
+        self._alive, self._slot_of, self._constants = [], {}, []
+        if not valid:
+            return None
+        return _TangentProgram(self._steps, num_slots, self._num_inputs, output_slots)
+
+
+def _jvp_outputs(
+    model_fn: ModelFn,
+    primals: Sequence[torch.Tensor],
+    tangents: Sequence[torch.Tensor],
+    inputs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(f(x), J v)`` from one forward pass with dual tensors."""
+    with fwad.dual_level():
+        duals = [fwad.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)]
+        unpacked = fwad.unpack_dual(model_fn(duals, inputs))
+        if unpacked.tangent is None:
+            return unpacked.primal, torch.zeros_like(unpacked.primal)
+        return unpacked.primal, unpacked.tangent
+
+
+def _pushforwards(
+    model_fn: ModelFn,
+    params: Sequence[torch.Tensor],
+    columns: Sequence[torch.Tensor],
+    inputs: object,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Return ``f(x)`` with its reverse-mode graph, the graph's leaves and ``J V`` by column.
+
+    The first column rides as dual tensors on the forward pass that records the graph.
+    For ``k > 1`` columns that pass is taped (:class:`_TangentTape`) and the tape is
+    replayed for the others; if taping fails, each other column gets its own dual pass
+    without a graph.
+    """
+    num_columns = columns[0].shape[0]
+    leaves = _leaves(params)
+    taping = num_columns > 1
+    seeds = [_seed(p, c[0]) if taping else c[0] for p, c in zip(params, columns, strict=True)]
+    program = None
+    with fwad.dual_level():
+        duals = [fwad.make_dual(p, t) for p, t in zip(leaves, seeds, strict=True)]
+        taping = taping and all(
+            fwad.unpack_dual(d).tangent is t for d, t in zip(duals, seeds, strict=True)
+        )
+        if taping:
+            tape = _TangentTape(seeds)
+            with tape:
+                output = model_fn(duals, inputs)
+        else:
+            output = model_fn(duals, inputs)
+        outputs, first = fwad.unpack_dual(output)
+        if first is None:
+            first = torch.zeros_like(outputs)
+        elif taping:
+            program = tape.program([first])
+    tangents = [first.detach()]
+    with torch.no_grad():
+        if program is not None:
+            for i in range(1, num_columns):
+                column = [_seed(p, c[i]) for p, c in zip(params, columns, strict=True)]
+                tangents.append(program.replay(column)[0])
+        else:
+            detached = [p.detach() for p in params]
+            for i in range(1, num_columns):
+                column = [c[i] for c in columns]
+                tangents.append(_jvp_outputs(model_fn, detached, column, inputs)[1])
+    return outputs, leaves, tangents
+
+
+def gauss_newton_matmat(
+    model_fn: ModelFn,
+    params: Sequence[torch.Tensor],
+    columns: Sequence[torch.Tensor],
+    inputs: object,
+    targets: torch.Tensor,
+    output_matmat: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Return ``Jᵀ M J V`` for ``k`` columns ``V`` (entries of shape ``(k, *p.shape)``).
+
+    ``J V`` comes from one forward pass with dual tensors that also records the
+    reverse-mode graph, plus, for ``k > 1``, replays of the taped tangent operations (see
+    :func:`_pushforwards`). ``M`` is applied once to all ``k`` columns of ``J V`` (so a
+    sampled ``M`` is the same matrix for every column), then ``k`` backward passes through
+    the one graph give ``Jᵀ (M J V)``. Cost: one dual forward pass, ``k - 1`` tangent-only
+    forward passes and ``k`` backward passes.
+    """
+    num_columns = columns[0].shape[0]
+    outputs, leaves, tangents = _pushforwards(model_fn, params, columns, inputs)
+    output_columns = output_matmat(outputs.detach(), targets, torch.stack(tangents))
+    del tangents
+    if not outputs.requires_grad:
+        return _zeros_like_columns(columns)
+    results = [
+        torch.autograd.grad(
+            outputs, leaves, output_columns[i], retain_graph=i < num_columns - 1, allow_unused=True
+        )
+        for i in range(num_columns)
+    ]
+    return [
+        torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in results])
+        for j, p in enumerate(params)
+    ]
+
+
+def _hessian_matmat_forward_over_reverse(
+    model_fn: ModelFn,
+    params: Sequence[torch.Tensor],
+    columns: Sequence[torch.Tensor],
+    inputs: object,
+    targets: torch.Tensor,
+    risk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Return ``∇²_θ risk · V`` column by column, forward over reverse (the fallback)."""
+    num_columns = columns[0].shape[0]
+    products = []
+    for i in range(num_columns):
+        leaves = _leaves(params)
+        with fwad.dual_level():
+            duals = [fwad.make_dual(p, c[i]) for p, c in zip(leaves, columns, strict=True)]
+            value = risk(model_fn(duals, inputs), targets)
+            if not value.requires_grad:
+                products.append([torch.zeros_like(p) for p in params])
+                continue
+            grads = torch.autograd.grad(value, duals, allow_unused=True)
+            products.append(
+                [
+                    torch.zeros_like(p)
+                    if g is None or fwad.unpack_dual(g).tangent is None
+                    else fwad.unpack_dual(g).tangent
+                    for g, p in zip(grads, params, strict=True)
+                ]
+            )
+    return [torch.stack([column[j] for column in products]) for j in range(len(params))]
+
+
+def hessian_matmat(
+    model_fn: ModelFn,
+    params: Sequence[torch.Tensor],
+    columns: Sequence[torch.Tensor],
+    inputs: object,
+    targets: torch.Tensor,
+    risk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Return ``∇²_θ risk(f_θ(x), y) · V``, reverse over reverse.
+
+    One forward pass and one backward pass that records its own graph give the gradient
+    ``g(θ)`` as a differentiable function; each column is then one backward pass through
+    that graph, ``H v = ∇_θ ⟨g(θ), v⟩``. Cost: about 2.0–2.5 gradients for one column and
+    1.2–1.7 per column for several on CPU. Models with an operation that has no double
+    backward fall back to forward over reverse (about 2.3–4 gradients per column).
+    """
+    num_columns = columns[0].shape[0]
+    leaves = _leaves(params)
+    try:
+        value = risk(model_fn(leaves, inputs), targets)
+        if not value.requires_grad:
+            return _zeros_like_columns(columns)
+        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not used:
+            return _zeros_like_columns(columns)
+        results = [
+            torch.autograd.grad(
+                [grads[j] for j in used],
+                leaves,
+                [columns[j][i] for j in used],
+                retain_graph=i < num_columns - 1,
+                allow_unused=True,
+            )
+            for i in range(num_columns)
+        ]
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, NotImplementedError):  # an operation without double backward
+        return _hessian_matmat_forward_over_reverse(
+            model_fn, params, columns, inputs, targets, risk
+        )
+    return [
+        torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in results])
+        for j, p in enumerate(params)
+    ]

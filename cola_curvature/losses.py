@@ -1,0 +1,267 @@
+"""Backend-neutral losses: value, output gradient and Hessian, its factor, sampling."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+from cola.backends import get_library_fns
+
+from cola_curvature.options import Reduction, parse_option
+
+Array = Any
+
+
+class RandomSource(Protocol):
+    """A seeded source of random numbers supplied by a backend."""
+
+    def uniform(self, shape: tuple[int, ...], like: Array) -> Array:
+        """Return samples from U[0, 1) with dtype and device of ``like``."""
+
+    def normal(self, shape: tuple[int, ...], like: Array) -> Array:
+        """Return samples from N(0, 1) with dtype and device of ``like``."""
+
+
+class Loss(ABC):
+    """A loss ``ℓ(f, y)`` that is a sum of independent terms over positions of the output.
+
+    Every loss here is the negative log-likelihood ``-log q(y | f)`` of an exponential
+    family (up to an additive constant), so the Fisher of ``q`` equals the output
+    Hessian ``∇²_f ℓ`` and Monte-Carlo samples of ``∇_f ℓ(f, ŷ)``, ``ŷ ~ q(·|f)``,
+    have that Hessian as their second moment.
+
+    Args:
+        reduction: ``"sum"`` or ``"mean"`` (see :class:`Reduction`).
+
+    """
+
+    def __init__(self, reduction: str | Reduction = "mean") -> None:
+        self.reduction = parse_option(Reduction, reduction, "reduction")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reduction={self.reduction.value!r})"
+
+    @abstractmethod
+    def sum_value(self, f: Array, y: Array) -> Array:
+        """Return ``Σ_n ℓ(f_n, y_n)`` over a batch (the ``"sum"``-reduced loss)."""
+
+    @abstractmethod
+    def output_gradient(self, f: Array, y: Array) -> Array:
+        """Return ``∇_f Σ_n ℓ(f_n, y_n)``, the same shape as ``f``."""
+
+    @abstractmethod
+    def hessian_matmat(self, f: Array, u: Array) -> Array:
+        """Return ``∇²_f ℓ · u`` for ``u`` of shape ``(k, *f.shape)``, applied per example."""
+
+    @abstractmethod
+    def hessian_sqrt(self, f: Array) -> Array:
+        """Return an exact symmetric factor ``S`` of each example's output Hessian.
+
+        ``S`` has shape ``(K, *f.shape)`` with ``K = numel(f_n)`` columns per example, and
+        ``Σ_k vec(S[k, n]) vec(S[k, n])ᵀ = ∇²_{f_n} ℓ(f_n, y_n)`` for every example ``n``.
+        Columns never mix positions of a sequence or image output, so backpropagating them
+        gives the exact type-2 Fisher (= GGN) statistics for any architecture.
+        """
+
+    @abstractmethod
+    def sample(self, f: Array, rng: RandomSource) -> Array:
+        """Draw targets ``ŷ ~ q(· | f)`` from the likelihood whose NLL this loss is."""
+
+    @abstractmethod
+    def check_target(self, f: Array, y: Array) -> None:
+        """Raise ``ValueError`` when the targets ``y`` do not fit the outputs ``f``."""
+
+    def terms_per_example(self, f: Array) -> int:
+        """Return the number of loss terms one example contributes (mean's divisor)."""
+        return math.prod(f.shape[1:])
+
+    def scale(self, f: Array, num_data: int) -> float:
+        """Return ``R`` in ``L = R Σ_n ℓ_n`` for a data set of ``num_data`` examples."""
+        if self.reduction is Reduction.SUM:
+            return 1.0
+        return 1.0 / (num_data * self.terms_per_example(f))
+
+
+def _diagonal_factor(f: Array, sqrt_diagonal: Array) -> Array:
+    """Return ``S[k, n] = √h_{n,k} e_k`` for a diagonal per-example Hessian ``diag(h_n)``."""
+    xnp = get_library_fns(f.dtype)
+    size = math.prod(f.shape[1:])
+    eye = xnp.eye(size, size, dtype=f.dtype, device=xnp.get_device(f))
+    eye = eye.reshape((size, 1) + tuple(f.shape[1:]))
+    return eye * sqrt_diagonal[None]
+
+
+class MSE(Loss):
+    r"""Squared error ``ℓ(f, y) = Σ_i (f_i - y_i)²``, as ``torch.nn.MSELoss``.
+
+    The likelihood is ``q(y | f) = N(f, ½ I)``, so ``ℓ = -log q + const`` exactly and the
+    output Hessian is ``∇²_f ℓ = 2 I``: the GGN of ``MSELoss(reduction="sum")`` carries
+    the factor 2 (twice the Gaussian NLL with unit variance). ``"mean"`` divides by the
+    total number of output entries ``N · numel(f_n)``.
+    """
+
+    def sum_value(self, f: Array, y: Array) -> Array:
+        """Return ``Σ (f - y)²``."""
+        return ((f - y) ** 2).sum()
+
+    def output_gradient(self, f: Array, y: Array) -> Array:
+        """Return ``2 (f - y)``."""
+        return 2 * (f - y)
+
+    def hessian_matmat(self, f: Array, u: Array) -> Array:
+        """Return ``2 u``."""
+        return 2 * u
+
+    def hessian_sqrt(self, f: Array) -> Array:
+        """Return ``√2 e_k`` for every output entry ``k``, shape ``(numel(f_n), *f.shape)``."""
+        return _diagonal_factor(f, math.sqrt(2.0) * (0 * f + 1))
+
+    def sample(self, f: Array, rng: RandomSource) -> Array:
+        """Return ``f + ε / √2`` with ``ε ~ N(0, I)``."""
+        return f + rng.normal(tuple(f.shape), f) / math.sqrt(2.0)
+
+    def check_target(self, f: Array, y: Array) -> None:
+        """Require ``y`` of the same shape as ``f``."""
+        if tuple(y.shape) != tuple(f.shape):
+            raise ValueError(
+                f"MSE needs targets of the same shape as the model output {tuple(f.shape)}, "
+                f"got {tuple(y.shape)}; reshape the targets (e.g. y.unsqueeze(-1))."
+            )
+
+
+class CrossEntropy(Loss):
+    r"""Softmax cross-entropy ``ℓ(f, y) = -log softmax(f)_y``, as ``torch.nn.CrossEntropyLoss``.
+
+    Outputs are ``(N, C)`` or ``(N, C, d_1, …)`` with class axis 1 and integer targets of
+    shape ``(N,)`` or ``(N, d_1, …)``; each position ``(d_1, …)`` is one term. With
+    ``p = softmax(f)`` the output Hessian per term is ``diag(p) - p pᵀ`` and
+    ``S = diag(√p) - p √pᵀ`` satisfies ``S Sᵀ = diag(p) - p pᵀ`` (because ``Σ p = 1``).
+    ``"mean"`` divides by ``N · d_1 ⋯``.
+    """
+
+    def _probabilities(self, f: Array) -> Array:
+        """Return ``softmax(f)`` along the class axis."""
+        return get_library_fns(f.dtype).softmax(f, axis=1)
+
+    def _one_hot(self, y: Array, f: Array) -> Array:
+        """Return the one-hot encoding of ``y`` along axis 1, dtype of ``f``."""
+        xnp = get_library_fns(f.dtype)
+        num_classes = f.shape[1]
+        classes = xnp.arange(num_classes, device=xnp.get_device(f))
+        classes = classes.reshape((1, num_classes) + (1,) * (f.ndim - 2))
+        labels = y.reshape((y.shape[0], 1) + tuple(y.shape[1:]))
+        return xnp.cast(labels == classes, f.dtype)
+
+    def terms_per_example(self, f: Array) -> int:
+        """Return ``d_1 ⋯`` (one term per position; the class axis is not averaged)."""
+        return math.prod(f.shape[2:])
+
+    def sum_value(self, f: Array, y: Array) -> Array:
+        """Return ``-Σ log softmax(f)_y``."""
+        xnp = get_library_fns(f.dtype)
+        return -(self._one_hot(y, f) * xnp.log_softmax(f, axis=1)).sum()
+
+    def output_gradient(self, f: Array, y: Array) -> Array:
+        """Return ``softmax(f) - onehot(y)``."""
+        return self._probabilities(f) - self._one_hot(y, f)
+
+    def hessian_matmat(self, f: Array, u: Array) -> Array:
+        """Return ``p ⊙ u - p (pᵀ u)`` along the class axis."""
+        p = self._probabilities(f)
+        pu = p * u
+        return pu - p * pu.sum(2, keepdims=True)
+
+    def hessian_sqrt(self, f: Array) -> Array:
+        """Return ``S[(c, p)] = √p_c (e_c - p)`` at position ``p`` only, ``K = C · d_1 ⋯``.
+
+        Shape ``(C · P, *f.shape)`` with ``P = d_1 ⋯`` positions; column ``(c, p)`` is zero
+        outside position ``p``.
+        """
+        xnp = get_library_fns(f.dtype)
+        num_examples, num_classes = f.shape[0], f.shape[1]
+        positions = math.prod(f.shape[2:])
+        device = xnp.get_device(f)
+        p = self._probabilities(f).reshape(num_examples, num_classes, positions)
+        eye_classes = xnp.eye(num_classes, num_classes, dtype=f.dtype, device=device)
+        sqrt_p = xnp.moveaxis(xnp.sqrt(p), 1, 0)[:, :, None]
+        per_position = sqrt_p * (eye_classes.reshape(num_classes, 1, num_classes, 1) - p[None])
+        eye_positions = xnp.eye(positions, positions, dtype=f.dtype, device=device)
+        full = per_position[:, None] * eye_positions.reshape(1, positions, 1, 1, positions)
+        return full.reshape((num_classes * positions,) + tuple(f.shape))
+
+    def sample(self, f: Array, rng: RandomSource) -> Array:
+        """Draw class labels from ``softmax(f)`` by inverting its cumulative sum."""
+        xnp = get_library_fns(f.dtype)
+        cumulative = xnp.moveaxis(self._probabilities(f), 1, -1).cumsum(-1)
+        u = rng.uniform(tuple(cumulative.shape[:-1]) + (1,), f)
+        below = xnp.cast(cumulative[..., :-1] < u, xnp.int64)
+        return below.sum(-1)
+
+    def check_target(self, f: Array, y: Array) -> None:
+        """Require integer labels of shape ``(N, d_1, …)`` for outputs ``(N, C, d_1, …)``."""
+        expected = (f.shape[0],) + tuple(f.shape[2:])
+        if f.ndim < 2 or tuple(y.shape) != expected:
+            raise ValueError(
+                f"CrossEntropy needs outputs (N, C, ...) and integer labels of shape "
+                f"(N, ...) = {expected}; got outputs {tuple(f.shape)} and labels "
+                f"{tuple(y.shape)}. Class-probability targets are not supported."
+            )
+        if "int" not in str(y.dtype):
+            raise ValueError(f"CrossEntropy needs integer class labels, got dtype {y.dtype}.")
+
+
+class BCEWithLogits(Loss):
+    r"""Binary cross-entropy on logits, as ``torch.nn.BCEWithLogitsLoss``.
+
+    ``ℓ(f, y) = Σ_i softplus(f_i) - y_i f_i``; with ``σ = sigmoid(f)`` the output
+    Hessian is ``diag(σ (1 - σ))`` (independent of ``y``), factor ``√(σ(1 - σ))``.
+    Targets lie in ``[0, 1]`` with the shape of ``f``. ``"mean"`` divides by the number
+    of output entries.
+    """
+
+    def _sigmoid(self, f: Array) -> Array:
+        """Return ``σ(f)``."""
+        xnp = get_library_fns(f.dtype)
+        return 1 / (1 + xnp.exp(-f))
+
+    def sum_value(self, f: Array, y: Array) -> Array:
+        """Return ``Σ max(f, 0) + log(1 + e^{-|f|}) - y f``."""
+        xnp = get_library_fns(f.dtype)
+        softplus = xnp.maximum(f, 0 * f) + xnp.log(1 + xnp.exp(-xnp.abs(f)))
+        return (softplus - y * f).sum()
+
+    def output_gradient(self, f: Array, y: Array) -> Array:
+        """Return ``σ(f) - y``."""
+        return self._sigmoid(f) - y
+
+    def hessian_matmat(self, f: Array, u: Array) -> Array:
+        """Return ``σ(1 - σ) ⊙ u``."""
+        s = self._sigmoid(f)
+        return s * (1 - s) * u
+
+    def hessian_sqrt(self, f: Array) -> Array:
+        """Return ``√(σ_k(1 - σ_k)) e_k`` per output entry, shape ``(numel(f_n), *f.shape)``."""
+        xnp = get_library_fns(f.dtype)
+        s = self._sigmoid(f)
+        return _diagonal_factor(f, xnp.sqrt(s * (1 - s)))
+
+    def sample(self, f: Array, rng: RandomSource) -> Array:
+        """Draw ``ŷ ~ Bernoulli(σ(f))``."""
+        xnp = get_library_fns(f.dtype)
+        return xnp.cast(rng.uniform(tuple(f.shape), f) < self._sigmoid(f), f.dtype)
+
+    def check_target(self, f: Array, y: Array) -> None:
+        """Require float targets of the shape of ``f``."""
+        if tuple(y.shape) != tuple(f.shape):
+            raise ValueError(
+                f"BCEWithLogits needs targets of the same shape as the model output "
+                f"{tuple(f.shape)}, got {tuple(y.shape)}."
+            )
+        if "float" not in str(y.dtype):
+            raise ValueError(
+                f"BCEWithLogits needs floating-point targets in [0, 1], got dtype {y.dtype}."
+            )
+
+
+SUPPORTED_LOSSES = (MSE, CrossEntropy, BCEWithLogits)

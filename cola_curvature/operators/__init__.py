@@ -1,0 +1,23 @@
+"""Curvature matrices as CoLA linear operators, one family per module."""
+
+from cola_curvature.operators._base import CurvatureOperator
+from cola_curvature.operators.ekfac import EKFAC
+from cola_curvature.operators.empirical_fisher import EmpiricalFisher
+from cola_curvature.operators.fisher import FisherMC
+from cola_curvature.operators.ggn import GGN
+from cola_curvature.operators.hessian import Hessian
+from cola_curvature.operators.kfac import KFAC
+from cola_curvature.operators.kronecker import EigenKronecker, KroneckerBlock, KroneckerFactored
+
+__all__ = [
+    "CurvatureOperator",
+    "EKFAC",
+    "EigenKronecker",
+    "EmpiricalFisher",
+    "FisherMC",
+    "GGN",
+    "Hessian",
+    "KFAC",
+    "KroneckerBlock",
+    "KroneckerFactored",
+]

@@ -1,0 +1,100 @@
+"""Shared plumbing of the matrix-free curvature operators: data, scaling, checks, formats."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cola.annotations import SelfAdjoint
+from cola.ops import LinearOperator
+
+from cola_curvature.backends import CurvatureBackend, curvature_backend
+from cola_curvature.operators._data import NONDETERMINISM_CAUSES, CurvatureData
+from cola_curvature.operators._interface import ParameterSpaceInterface
+
+Array = Any
+
+
+class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
+    """A ``(D, D)`` curvature matrix of the empirical risk ``L(θ) = R Σ_n ℓ(f_θ(x_n), y_n)``.
+
+    Subclasses implement :meth:`_batch_matmat`, one batch's contribution to the product
+    (with the risk scaling ``R`` for the whole data set); this class owns the loop over
+    batches, the input formats and the checks of the operator contract.
+
+    Args:
+        model: The model (``torch.nn.Module``); its parameters outside ``params`` stay fixed.
+        loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss`` or a
+            :mod:`cola_curvature.losses` descriptor, with ``reduction`` ``"sum"`` or ``"mean"``.
+        params: The parameters the curvature is taken with respect to (any subset of the
+            model's, in any order); ``D`` is their total number of entries.
+        data: A re-iterable of ``(X, y)`` batches, e.g. a list or a ``DataLoader``.
+        num_data: Number of examples in ``data``; counted in one pass when ``None``.
+        batch_size_fn: ``X -> int`` for inputs that are not a single array.
+        check_deterministic: Verify at construction that data, model and products are
+            deterministic (two passes over the data, two products, identical results).
+        progressbar: Show a progress bar over batches during each product.
+
+    """
+
+    #: The CoLA annotation the curvature carries (``PSD`` or ``SelfAdjoint``).
+    annotation: type = SelfAdjoint
+
+    def __init__(
+        self,
+        model: Any,
+        loss_func: Any,
+        params: Any,
+        data: Iterable[tuple[Any, Any]],
+        *,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        check_deterministic: bool = True,
+        progressbar: bool = False,
+    ) -> None:
+        backend = curvature_backend(model, loss_func, params)
+        self._backend: CurvatureBackend = backend
+        self._loss = backend.loss
+        self._data = CurvatureData(data, backend, num_data, batch_size_fn, progressbar)
+        shape = (backend.num_params, backend.num_params)
+        super().__init__(backend.dtype, shape, annotations={self.annotation})
+        if check_deterministic:
+            self._check_deterministic()
+
+    @property
+    def num_data(self) -> int:
+        """Number of examples ``N`` the curvature is aggregated over."""
+        return self._data.num_data
+
+    @abstractmethod
+    def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
+        """Return this batch's contribution to ``A V`` (risk scaling ``R`` included)."""
+
+    def _rng_for_product(self) -> Any:
+        """Return the random source one product uses (``None``: the operator is exact)."""
+        return None
+
+    def _matmat(self, X: Array) -> Array:
+        """Return ``A X`` for ``X`` of shape ``(D, k)``, summed over all batches."""
+        backend = self._backend
+        columns = backend.unflatten(X)
+        rng = self._rng_for_product()
+        total = None
+        with backend.preserved_state():
+            for batch in self._data.batches(f"{type(self).__name__} @ V"):
+                contribution = self._batch_matmat(columns, batch, rng)
+                total = (
+                    contribution
+                    if total is None
+                    else [t + c for t, c in zip(total, contribution, strict=True)]
+                )
+        return backend.flatten(total)
+
+    def _check_deterministic(self) -> None:
+        """Raise ``RuntimeError`` when data, model outputs or products are not reproducible."""
+        self._data.check_reproducible()
+        like = self.xnp.zeros((1,), dtype=self.dtype, device=self.device)
+        probe = self._backend.random(0).normal((self.shape[1], 1), like)
+        if not self._backend.arrays_close(self._matmat(probe), self._matmat(probe)):
+            raise RuntimeError(f"Two products with the same vector differ. {NONDETERMINISM_CAUSES}")

@@ -1,0 +1,64 @@
+"""The batches a curvature is aggregated over, and the checks that make it reproducible."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from cola_curvature._checks import check_data, count_examples
+from cola_curvature.backends import CurvatureBackend
+
+NONDETERMINISM_CAUSES = (
+    "Likely causes: dropout or other randomness in train mode (call model.eval()), "
+    "batch norm in train mode, data augmentation, or a DataLoader with shuffling "
+    "(use shuffle=False). Pass check_deterministic=False to skip this check."
+)
+
+
+class CurvatureData:
+    """A re-iterable of ``(X, y)`` batches with its example count ``N``.
+
+    Args:
+        data: The batches, e.g. a list or a ``DataLoader``.
+        backend: The backend that checks batches and runs the model.
+        num_data: Number of examples; counted in one pass over ``data`` when ``None``.
+        batch_size_fn: ``X -> int``; the backend's default reads ``X.shape[0]``.
+        progressbar: Show a tqdm bar when iterating.
+    """
+
+    def __init__(
+        self,
+        data: Iterable[tuple[Any, Any]],
+        backend: CurvatureBackend,
+        num_data: int | None,
+        batch_size_fn: Callable[[Any], int] | None,
+        progressbar: bool,
+    ) -> None:
+        check_data(data)
+        self.source = data
+        self._backend = backend
+        self._progressbar = progressbar
+        self.num_data = count_examples(data, batch_size_fn or backend.batch_size, backend, num_data)
+
+    def batches(self, desc: str) -> Iterator[tuple[Any, Any]]:
+        """Iterate over the batches, with a progress bar when enabled."""
+        if not self._progressbar:
+            return iter(self.source)
+        return iter(tqdm(self.source, desc=desc, leave=False))
+
+    def check_reproducible(self) -> None:
+        """Raise ``RuntimeError`` unless two passes give the same batches and model outputs."""
+        backend = self._backend
+        with backend.preserved_state():
+            for first, second in zip(self.source, self.source, strict=False):
+                if not backend.batches_equal(first, second):
+                    raise RuntimeError(
+                        f"Two passes over data gave different batches. {NONDETERMINISM_CAUSES}"
+                    )
+            inputs = next(iter(self.source))[0]
+            if not backend.arrays_close(backend.forward(inputs), backend.forward(inputs)):
+                raise RuntimeError(
+                    f"Two forward passes gave different outputs. {NONDETERMINISM_CAUSES}"
+                )

@@ -1,0 +1,48 @@
+"""The parameter-space interface every curvature operator offers on top of CoLA's ``@``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse.linalg
+from cola.ops import LinearOperator
+
+from cola_curvature.backends import CurvatureBackend
+
+
+class ParameterSpaceInterface:
+    """Mixin for CoLA operators over a model's parameters (needs ``self._backend``).
+
+    Adds validated ``@`` for ``(D,)``, ``(D, k)`` and parameter-shaped input (a list of
+    tensors shaped like ``params``, answered in the same format), and :meth:`to_scipy`.
+    """
+
+    _backend: CurvatureBackend
+
+    def __matmul__(self, X: Any) -> Any:
+        """Multiply by ``(D,)``, ``(D, k)``, a CoLA operator, or a list shaped like ``params``."""
+        if isinstance(X, LinearOperator):
+            return super().__matmul__(X)
+        if isinstance(X, (list, tuple)):
+            return self._backend.as_param_format(self._matmat(self._backend.as_param_matrix(X)))
+        self._backend.check_matrix(X)
+        return super().__matmul__(X)
+
+    def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
+        """Return a symmetric SciPy ``LinearOperator`` on NumPy arrays (copied to ``device``)."""
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            matrix = x.reshape(self.shape[1], -1)
+            v = self.xnp.array(matrix, dtype=self.dtype, device=self.device)
+            return self.xnp.to_np(self._matmat(v)).reshape(x.shape)
+
+        probe = self.xnp.zeros((1,), dtype=self.dtype, device=self.device)
+        return scipy.sparse.linalg.LinearOperator(
+            self.shape,
+            matvec=matmat,
+            matmat=matmat,
+            rmatvec=matmat,
+            rmatmat=matmat,
+            dtype=self.xnp.to_np(probe).dtype,
+        )

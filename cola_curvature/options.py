@@ -1,0 +1,74 @@
+"""User-facing options as string enums; plain strings are accepted and validated."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class Reduction(str, Enum):
+    """How per-term losses are combined into the empirical risk.
+
+    Attributes:
+        SUM: ``L = Σ_n ℓ_n``.
+        MEAN: ``L = (1 / (N · T)) Σ_n ℓ_n`` with ``T`` the number of loss terms per
+            example, exactly as PyTorch's ``reduction="mean"`` on the whole data set.
+
+    """
+
+    SUM = "sum"
+    MEAN = "mean"
+
+
+class FisherType(str, Enum):
+    """Which output-space matrix KFAC's output factor is built from.
+
+    Attributes:
+        TYPE2: the columns of the loss Hessian's symmetric factor, backpropagated (exact
+            GGN statistics; ``C`` backward passes per batch).
+        MC: ``mc_samples`` output gradients at targets sampled from the model's likelihood.
+        EMPIRICAL: the output gradient at the observed targets.
+        FORWARD_ONLY: no backward pass; the output factor is the identity.
+    """
+
+    TYPE2 = "type-2"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+    FORWARD_ONLY = "forward-only"
+
+
+class KFACApprox(str, Enum):
+    """How KFAC treats weight sharing (sequence positions, convolution patches).
+
+    Attributes:
+        EXPAND: every shared position is an independent example (Eschenhagen et al., 2023).
+        REDUCE: inputs are averaged and output gradients summed over positions first.
+    """
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+class DampingMode(str, Enum):
+    """How damping ``λ`` enters a Kronecker-factored block.
+
+    Attributes:
+        EXACT: ``G ⊗ A + λ I``, inverted exactly through both eigenbases.
+        HEURISTIC: ``(G + √λ/π I) ⊗ (A + π√λ I)`` (Martens & Grosse, 2015).
+    """
+
+    EXACT = "exact"
+    HEURISTIC = "heuristic"
+
+
+def parse_option(enum: type[Enum], value: Any, what: str) -> Any:
+    """Return the member of ``enum`` for ``value`` (a member or its string).
+
+    Raises:
+        ValueError: naming ``what`` and listing the valid values.
+    """
+    try:
+        return enum(value)
+    except ValueError:
+        valid = ", ".join(repr(m.value) for m in enum)
+        raise ValueError(f"Unsupported {what} {value!r}; expected one of {valid}.") from None

@@ -1,0 +1,4 @@
+"""Named tolerances shared by the tests."""
+
+#: Relative error allowed between an exact operator and its dense float64 reference.
+EXACT_RTOL = 1e-10
