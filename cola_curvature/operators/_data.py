@@ -40,7 +40,10 @@ class CurvatureData:
         self.source = data
         self._backend = backend
         self._progressbar = progressbar
-        self.num_data = count_examples(data, batch_size_fn or backend.batch_size, backend, num_data)
+        with backend.preserved_state():
+            self.num_data = count_examples(
+                data, batch_size_fn or backend.batch_size, backend, num_data
+            )
 
     def batches(self, desc: str) -> Iterator[tuple[Any, Any]]:
         """Iterate over the batches, with a progress bar when enabled."""
