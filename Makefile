@@ -17,7 +17,7 @@ $(VENV)/.stamp-%: pyproject.toml | $(BIN)/python
 	touch $@
 
 test: $(VENV)/.stamp-test
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -q
 
 demo: $(VENV)/.stamp-demo
 	$(BIN)/python examples/demo.py

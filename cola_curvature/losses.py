@@ -68,6 +68,17 @@ class Loss(ABC):
     def sample(self, f: Array, rng: RandomSource) -> Array:
         """Draw targets ``ŷ ~ q(· | f)`` from the likelihood whose NLL this loss is."""
 
+    def sampled_output_gradients(self, f: Array, rng: RandomSource, num_samples: int) -> Array:
+        """Return ``∇_f ℓ(f, ŷ_m)`` for ``ŷ_m ~ q(· | f)``, shape ``(num_samples, *f.shape)``.
+
+        All samples are drawn in one call on ``f`` repeated ``num_samples`` times, so
+        ``E[d dᵀ] = ∇²_f ℓ`` per example; every user of Monte-Carlo targets draws them this
+        way, so the same ``rng`` state gives the same targets everywhere.
+        """
+        stacked = get_library_fns(f.dtype).concat([f] * num_samples, axis=0)
+        gradients = self.output_gradient(stacked, self.sample(stacked, rng))
+        return gradients.reshape((num_samples,) + tuple(f.shape))
+
     @abstractmethod
     def check_target(self, f: Array, y: Array) -> None:
         """Raise ``ValueError`` when the targets ``y`` do not fit the outputs ``f``."""

@@ -280,7 +280,7 @@ def sampled_targets(model, loss, data, mc_samples, seed):
     for x, _ in data:
         with torch.no_grad():
             outputs = model(x)
-        draws = [loss.sample(outputs, rng) for _ in range(mc_samples)]
+        draws = loss.sample(torch.cat([outputs] * mc_samples), rng).split(x.shape[0])
         per_example += [[d[n : n + 1] for d in draws] for n in range(x.shape[0])]
     return per_example
 

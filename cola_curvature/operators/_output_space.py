@@ -7,13 +7,16 @@ from typing import Any
 Array = Any
 
 
-def per_example_outer_matmat(d: Array, jv: Array) -> Array:
-    """Return ``d_n (d_nᵀ (J V)_n)`` for every example ``n`` and column.
+def outer_product_matmat(d: Array, jv: Array) -> Array:
+    """Return ``Σ_m d_{m,n} (d_{m,n}ᵀ (J V)_n)`` for every example ``n`` and column.
 
-    ``d`` has shape ``(N, ...)`` and ``jv`` shape ``(k, N, ...)``; the inner product runs
-    over all non-batch axes of one example, so this applies the rank-one matrix
-    ``d_n d_nᵀ`` of each example's whole output.
+    ``d`` has shape ``(M, N, ...)`` (``M`` vectors per example) and ``jv`` shape
+    ``(k, N, ...)``; inner products run over all non-batch axes of one example, so this
+    applies the rank-``M`` matrix ``Σ_m d_{m,n} d_{m,n}ᵀ`` of each example's whole output.
+    Cost and memory: ``O(M k N C)`` for ``C`` output entries per example.
     """
-    num_columns, num_examples = jv.shape[0], jv.shape[1]
-    inner = (d[None] * jv).reshape(num_columns, num_examples, -1).sum(-1)
-    return inner.reshape((num_columns, num_examples) + (1,) * (d.ndim - 1)) * d[None]
+    num_vectors, num_columns, num_examples = d.shape[0], jv.shape[0], jv.shape[1]
+    inner = (d[:, None] * jv[None]).reshape(num_vectors, num_columns, num_examples, -1).sum(-1)
+    trailing = (1,) * (d.ndim - 2)
+    weighted = inner.reshape((num_vectors, num_columns, num_examples) + trailing) * d[:, None]
+    return weighted.sum(0)

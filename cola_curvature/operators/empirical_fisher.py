@@ -7,7 +7,7 @@ from typing import Any
 from cola.annotations import PSD
 
 from cola_curvature.operators._base import CurvatureOperator
-from cola_curvature.operators._output_space import per_example_outer_matmat
+from cola_curvature.operators._output_space import outer_product_matmat
 
 Array = Any
 
@@ -40,6 +40,6 @@ class EmpiricalFisher(CurvatureOperator):
         def output_matmat(f: Array, y: Array, jv: Array) -> Array:
             loss.check_target(f, y)
             d = loss.output_gradient(f, y)
-            return loss.scale(f, num_data) * per_example_outer_matmat(d, jv)
+            return loss.scale(f, num_data) * outer_product_matmat(d[None], jv)
 
         return self._backend.gauss_newton_matmat(columns, batch, output_matmat)

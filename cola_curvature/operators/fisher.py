@@ -7,7 +7,7 @@ from typing import Any
 from cola.annotations import PSD
 
 from cola_curvature.operators._base import CurvatureOperator
-from cola_curvature.operators._output_space import per_example_outer_matmat
+from cola_curvature.operators._output_space import outer_product_matmat
 
 Array = Any
 
@@ -57,10 +57,7 @@ class FisherMC(CurvatureOperator):
 
         def output_matmat(f: Array, y: Array, jv: Array) -> Array:
             loss.check_target(f, y)
-            total = 0
-            for _ in range(mc_samples):
-                d = loss.output_gradient(f, loss.sample(f, rng))
-                total = total + per_example_outer_matmat(d, jv)
-            return (loss.scale(f, num_data) / mc_samples) * total
+            samples = loss.sampled_output_gradients(f, rng, mc_samples)
+            return (loss.scale(f, num_data) / mc_samples) * outer_product_matmat(samples, jv)
 
         return self._backend.gauss_newton_matmat(columns, batch, output_matmat)

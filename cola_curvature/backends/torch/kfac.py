@@ -140,10 +140,7 @@ def output_cotangents(
     if fisher_type is FisherType.TYPE2:
         return loss.hessian_sqrt(outputs)
     if fisher_type is FisherType.MC:
-        samples = [
-            loss.output_gradient(outputs, loss.sample(outputs, rng)) for _ in range(mc_samples)
-        ]
-        return torch.stack(samples) / mc_samples**0.5
+        return loss.sampled_output_gradients(outputs, rng, mc_samples) / mc_samples**0.5
     return loss.output_gradient(outputs, targets)[None]
 
 
