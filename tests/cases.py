@@ -93,7 +93,10 @@ def _keep(case):
 CASES = [
     case
     for case in itertools.starmap(
-        Case, itertools.product(["mlp", "cnn", "sequence", "subset"], LOSSES, ["sum", "mean"], ["one", "uneven"])
+        Case,
+        itertools.product(
+            ["mlp", "cnn", "sequence", "subset"], LOSSES, ["sum", "mean"], ["one", "uneven"]
+        ),
     )
     if _keep(case)
 ]

@@ -76,7 +76,7 @@ def reference_kfac_factors(model, loss_func, layer, data, fisher_type, approx, s
             jac = jac.flatten(start_dim=2).transpose(1, 2)
         jac = jac.reshape(f_n.numel(), T, out_features)
         if fisher_type == "type-2":
-            M = hessian(lambda f, y=y_n: sum_loss(f.reshape(f_n.shape), y))(f_n.flatten())
+            M = hessian(lambda f, y=y_n, s=f_n.shape: sum_loss(f.reshape(s), y))(f_n.flatten())
         else:
             targets = [y_n] if fisher_type == "empirical" else samples[n]
             grads = [torch.func.grad(lambda f, y=t: sum_loss(f, y))(f_n).flatten() for t in targets]

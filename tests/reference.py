@@ -15,7 +15,9 @@ def flat_params_and_unflatten(params):
     sizes = [p.numel() for p in params]
 
     def unflatten(flat):
-        return [chunk.reshape(shape) for chunk, shape in zip(flat.split(sizes), shapes, strict=True)]
+        return [
+            chunk.reshape(shape) for chunk, shape in zip(flat.split(sizes), shapes, strict=True)
+        ]
 
     return torch.cat([p.detach().flatten() for p in params]), unflatten
 

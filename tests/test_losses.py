@@ -24,7 +24,11 @@ def output_and_targets(name, shape, seed=0):
 
 
 TORCH_LOSSES = {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}
-SHAPES = {"mse": [(4, 3), (4, 2, 3)], "ce": [(4, 3), (4, 3, 2), (4, 3, 2, 2)], "bce": [(4, 3), (4, 5, 2)]}
+SHAPES = {
+    "mse": [(4, 3), (4, 2, 3)],
+    "ce": [(4, 3), (4, 3, 2), (4, 3, 2, 2)],
+    "bce": [(4, 3), (4, 5, 2)],
+}
 CASES = [(name, shape) for name, shapes in SHAPES.items() for shape in shapes]
 
 
@@ -70,7 +74,9 @@ def test_sampled_gradients_have_the_hessian_as_second_moment(name, shape):
     d = loss.output_gradient(repeated, loss.sample(repeated, rng)).reshape(samples, *shape)
     moment = torch.einsum("sni,snj->nij", d, d) / samples
     eye = torch.eye(shape[1], dtype=F64)
-    expected = torch.stack([loss.hessian_matmat(f[n : n + 1], eye[:, None])[:, 0] for n in range(shape[0])])
+    expected = torch.stack(
+        [loss.hessian_matmat(f[n : n + 1], eye[:, None])[:, 0] for n in range(shape[0])]
+    )
     assert torch.allclose(moment, expected, atol=0.05 * expected.abs().max())
 
 
@@ -104,7 +110,12 @@ def test_torch_losses_are_translated_and_options_are_checked():
         (losses.MSE(), torch.zeros(4, 2), torch.zeros(4), "same shape"),
         (losses.CrossEntropy(), torch.zeros(4, 3), torch.zeros(4, 1, dtype=torch.long), "labels"),
         (losses.CrossEntropy(), torch.zeros(4, 3), torch.zeros(4), "integer"),
-        (losses.BCEWithLogits(), torch.zeros(4, 2), torch.zeros(4, 2, dtype=torch.long), "floating"),
+        (
+            losses.BCEWithLogits(),
+            torch.zeros(4, 2),
+            torch.zeros(4, 2, dtype=torch.long),
+            "floating",
+        ),
     ],
 )
 def test_targets_of_the_wrong_shape_or_dtype_are_rejected(loss, f, y, message):

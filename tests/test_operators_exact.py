@@ -6,7 +6,12 @@ from torch import nn
 
 import cola_curvature as cc
 from tests._tols import EXACT_RTOL, MC_RTOL
-from tests.reference import dense_empirical_fisher, dense_ggn, dense_hessian, flat_params_and_unflatten
+from tests.reference import (
+    dense_empirical_fisher,
+    dense_ggn,
+    dense_hessian,
+    flat_params_and_unflatten,
+)
 
 F64 = torch.float64
 OPERATORS = {
@@ -60,7 +65,10 @@ def test_reference_agrees_with_independent_closed_forms():
     residual = X @ model.weight.detach().T - Y
     gradients = torch.stack([torch.kron(2 * residual[n], X[n]) for n in range(6)])
     expected_ef = gradients.T @ gradients
-    assert relative_error(dense_empirical_fisher(model, loss_func, params, data), expected_ef) < EXACT_RTOL
+    assert (
+        relative_error(dense_empirical_fisher(model, loss_func, params, data), expected_ef)
+        < EXACT_RTOL
+    )
 
 
 def tiny_classifier():
