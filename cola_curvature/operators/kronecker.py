@@ -37,6 +37,18 @@ class KroneckerBlock(Kronecker):
             self._cache["eigen"] = EigenKronecker(q_out, q_in, xnp.cast(eigenvalues, self.dtype))
         return self._cache["eigen"]
 
+    def spectrum(self) -> Array:
+        """Return the eigenvalues ``λ_G,i λ_A,j``, flat in row-major ``(i, j)`` order."""
+        return self.eigen().spectrum()
+
+    def map_spectrum(self, fn: Callable[[Array], Array]) -> EigenKronecker:
+        """Return ``f(G ⊗ A) = (Q_G ⊗ Q_A) diag(f(λ_G ⊗ λ_A)) (Q_G ⊗ Q_A)ᵀ``."""
+        return self.eigen().map_spectrum(fn)
+
+    def eigenvector(self, index: int) -> Array:
+        """Return the eigenvector of flat eigenvalue ``index``: ``q_{G,i} ⊗ q_{A,j}``."""
+        return self.eigen().eigenvector(index)
+
     def diagonal(self) -> Array:
         """Return ``diag(G) ⊗ diag(A)``."""
         xnp = self.xnp
@@ -98,6 +110,10 @@ class EigenKronecker(LinearOperator):
         """Return itself: the block is already in eigen-form."""
         return self
 
+    def spectrum(self) -> Array:
+        """Return ``vec S``, the eigenvalues in row-major ``(i, j)`` order."""
+        return self.eigenvalues.reshape(-1)
+
     def _matmat(self, X: Array) -> Array:
         """Return the block times ``X`` through ``Q_G (S ⊙ (Q_Gᵀ X Q_A)) Q_Aᵀ`` per column."""
         out, inp = self.eigenvalues.shape
@@ -121,9 +137,12 @@ class EigenKronecker(LinearOperator):
 
 
 class KroneckerFactored(BlockDiag):
-    """``P · BlockDiag(B_1, …, B_L) · Pᵀ`` with Kronecker-structured blocks ``B_l``.
+    """``P · BlockDiag(B_1, …, B_L) · Pᵀ`` with blocks whose spectrum is known in closed form.
 
-    Each block is a :class:`KroneckerBlock` ``G_l ⊗ A_l`` or an :class:`EigenKronecker`.
+    Each block is a :class:`KroneckerBlock` ``G_l ⊗ A_l``, an :class:`EigenKronecker`, or
+    any operator with the same spectral methods: ``spectrum()`` (all eigenvalues, flat),
+    ``map_spectrum(f)`` (the block ``f(B)``, again such a block), ``eigenvector(i)``,
+    ``diagonal()`` and ``trace()``. The dispatch rules only use these methods.
     ``permutation[j]`` is the position, in the user's parameter order, of coordinate ``j``
     of the block-diagonal order, so the dense form is in the user's ``params`` order even
     when a layer's weight and bias are not adjacent. Products cost the blocks' products
@@ -145,7 +164,7 @@ class KroneckerFactored(BlockDiag):
 
     def map_spectrum(self, fn: Callable[[Array], Array]) -> KroneckerFactored:
         """Return ``P · BlockDiag(fn(B_l)) · Pᵀ`` for a spectral function ``fn`` of each block."""
-        return self.with_blocks([block.eigen().map_spectrum(fn) for block in self.blocks])
+        return self.with_blocks([block.map_spectrum(fn) for block in self.blocks])
 
     def damped(self, damping: float, mode: str = "exact") -> KroneckerFactored:
         """Return the damped operator, still Kronecker-factored.
@@ -169,7 +188,7 @@ class KroneckerFactored(BlockDiag):
     def eigenvalues(self) -> Array:
         """Return all eigenvalues, block by block (in block order)."""
         xnp = self.xnp
-        return xnp.concat([block.eigen().eigenvalues.reshape(-1) for block in self.blocks])
+        return xnp.concat([block.spectrum() for block in self.blocks])
 
     def eigenvectors(self, indices: Sequence[int]) -> Array:
         """Return the eigenvectors of the given block-order eigenvalue ``indices`` as ``(D, k)``."""
@@ -182,7 +201,7 @@ class KroneckerFactored(BlockDiag):
         for index in indices:
             position = max(b for b, start in enumerate(starts) if start <= index)
             block = self.blocks[position]
-            local = block.eigen().eigenvector(index - starts[position])
+            local = block.eigenvector(index - starts[position])
             before = starts[position]
             after = self.shape[0] - before - block.shape[0]
             zeros = [xnp.zeros((n,), dtype=self.dtype, device=self.device) for n in (before, after)]
