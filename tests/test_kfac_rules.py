@@ -196,3 +196,26 @@ def test_structure_is_real_on_a_million_parameters():
     assert torch.allclose(damped @ x, v, rtol=1e-3, atol=1e-3)
     assert torch.isfinite(cola.linalg.logdet(damped))
     assert cola.linalg.diag(damped).shape == (1_011_010,)
+
+
+def test_all_eigenpairs_and_cached_factor_eigendecompositions():
+    kfac = build(cc.KFAC)
+    D = kfac.shape[0]
+    values, vectors = cola.linalg.eig(kfac, D, which="LA")
+    dense = kfac.to_dense()
+    assert torch.allclose(values, torch.linalg.eigvalsh(dense).flip(0), rtol=1e-10, atol=1e-12)
+    V = vectors.to_dense()
+    assert torch.allclose(V.T @ V, torch.eye(D, dtype=F64), atol=1e-10)
+    assert torch.allclose(dense @ V, V * values, atol=1e-10)
+    first = [block.eigen() for block in kfac.blocks]
+    cola.linalg.inv(kfac + DAMPING * cola.ops.I_like(kfac))
+    cola.linalg.logdet(kfac + 2 * DAMPING * cola.ops.I_like(kfac))
+    assert all(block.eigen() is eigen for block, eigen in zip(kfac.blocks, first, strict=True))
+
+
+def test_heuristic_damping_logdet_trace_and_diag():
+    damped = build(cc.KFAC).damped(DAMPING, mode="heuristic")
+    dense = damped.to_dense()
+    assert abs(cola.linalg.logdet(damped) - torch.logdet(dense)) < 1e-10 * abs(torch.logdet(dense))
+    assert abs(cola.linalg.trace(damped) - dense.trace()) < EXACT_RTOL * dense.trace()
+    assert relative_error(cola.linalg.diag(damped), dense.diag()) < EXACT_RTOL
