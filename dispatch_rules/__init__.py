@@ -5,6 +5,6 @@ Rules keyed on structure carry ``precedence=1`` so that they win over CoLA's gen
 keyed on an algorithm (``(LinearOperator, Lanczos)`` and the like).
 """
 
-from dispatch_rules import add, diag, eig, inv, logdet, sqrt, trace
+from dispatch_rules import add, diag, eig, inv, logdet, mul, sqrt, trace
 
-__all__ = ["add", "diag", "eig", "inv", "logdet", "sqrt", "trace"]
+__all__ = ["add", "diag", "eig", "inv", "logdet", "mul", "sqrt", "trace"]

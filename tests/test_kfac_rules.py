@@ -219,3 +219,25 @@ def test_heuristic_damping_logdet_trace_and_diag():
     assert abs(cola.linalg.logdet(damped) - torch.logdet(dense)) < 1e-10 * abs(torch.logdet(dense))
     assert abs(cola.linalg.trace(damped) - dense.trace()) < EXACT_RTOL * dense.trace()
     assert relative_error(cola.linalg.diag(damped), dense.diag()) < EXACT_RTOL
+
+
+def test_scalar_multiples_stay_structured_and_differentiable():
+    kfac = build(cc.KFAC)
+    dense = kfac.to_dense()
+    for scaled, expected in [(2.5 * kfac, 2.5 * dense), (kfac / 4, dense / 4), (-kfac, -dense)]:
+        assert isinstance(scaled, cc.KroneckerFactored)
+        assert relative_error(scaled.to_dense(), expected) < EXACT_RTOL
+    assert not (-kfac).isa(cola.PSD)
+    assert (2.5 * kfac).isa(cola.PSD)
+    sigma = torch.tensor(1.5, dtype=F64, requires_grad=True)
+    delta = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    logdet = cola.linalg.logdet(kfac.scaled(1 / sigma**2).damped(delta))
+    logdet.backward()
+    sigma_ref = sigma.detach().clone().requires_grad_(True)
+    delta_ref = delta.detach().clone().requires_grad_(True)
+    identity = torch.eye(kfac.shape[0], dtype=F64)
+    reference = torch.logdet(dense / sigma_ref**2 + delta_ref * identity)
+    reference.backward()
+    assert abs(logdet - reference) < 1e-10 * abs(reference)
+    assert torch.allclose(sigma.grad, sigma_ref.grad, rtol=1e-9)
+    assert torch.allclose(delta.grad, delta_ref.grad, rtol=1e-9)

@@ -59,6 +59,10 @@ class KroneckerBlock(Kronecker):
         xnp = self.xnp
         return xnp.diag(self.output_factor).sum() * xnp.diag(self.input_factor).sum()
 
+    def scaled(self, factor: Array) -> KroneckerBlock:
+        """Return ``(c G) ⊗ A``, sharing ``A``."""
+        return KroneckerBlock(factor * self.output_factor, self.input_factor)
+
     def heuristically_damped(self, damping: float) -> KroneckerBlock:
         """Return ``(G + √λ/π I) ⊗ (A + π√λ I)``, ``π = √((tr A / dim A) / (tr G / dim G))``.
 
@@ -110,6 +114,10 @@ class EigenKronecker(LinearOperator):
         """Return itself: the block is already in eigen-form."""
         return self
 
+    def scaled(self, factor: Array) -> EigenKronecker:
+        """Return the block times ``c``: same eigenbasis, eigenvalues ``c S``."""
+        return EigenKronecker(self.q_out, self.q_in, factor * self.eigenvalues)
+
     def spectrum(self) -> Array:
         """Return ``vec S``, the eigenvalues in row-major ``(i, j)`` order."""
         return self.eigenvalues.reshape(-1)
@@ -141,8 +149,8 @@ class KroneckerFactored(BlockDiag):
 
     Each block is a :class:`KroneckerBlock` ``G_l ⊗ A_l``, an :class:`EigenKronecker`, or
     any operator with the same spectral methods: ``spectrum()`` (all eigenvalues, flat),
-    ``map_spectrum(f)`` (the block ``f(B)``, again such a block), ``eigenvector(i)``,
-    ``diagonal()`` and ``trace()``. The dispatch rules only use these methods.
+    ``map_spectrum(f)`` (the block ``f(B)``, again such a block), ``scaled(c)``,
+    ``eigenvector(i)``, ``diagonal()`` and ``trace()``. The dispatch rules only use these.
     ``permutation[j]`` is the position, in the user's parameter order, of coordinate ``j``
     of the block-diagonal order, so the dense form is in the user's ``params`` order even
     when a layer's weight and bias are not adjacent. Products cost the blocks' products
@@ -184,6 +192,12 @@ class KroneckerFactored(BlockDiag):
                 "has eigen-corrected blocks (EKFAC): use mode='exact'."
             )
         return self.with_blocks([block.heuristically_damped(damping) for block in self.blocks])
+
+    def scaled(self, factor: Array) -> KroneckerFactored:
+        """Return ``c K`` with every block scaled (``c`` may be a differentiable scalar)."""
+        annotations = set(self.annotations) if bool(factor >= 0) else set()
+        blocks = [block.scaled(factor) for block in self.blocks]
+        return KroneckerFactored(blocks, self.permutation, annotations)
 
     def eigenvalues(self) -> Array:
         """Return all eigenvalues, block by block (in block order)."""
