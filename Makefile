@@ -1,30 +1,46 @@
 # Set-up and entry points; each target installs what it needs into $(VENV) first.
+#   make test    the whole suite on 2 workers (what .ci/run runs); serial: make test PYTEST_ARGS=-q
+#   make demo    examples/demo.py
+#   make bench   benchmarks/products.py
+#   make lint    ruff check + ruff format --check
 PYTHON ?= python3
 VENV ?= .venv-ci
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
+PYTEST_ARGS ?= -n 2 -q
+# Peers the benchmarks compare against; --no-deps: backpack-for-pytorch requires torchvision,
+# which would replace the pinned CPU torch.
+PEERS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch einops einconv opt-einsum linear_operator
+LINTED := cola_curvature dispatch_rules tests examples benchmarks
 
 .PHONY: test demo bench lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP) install --quiet --upgrade pip
 
-# CPU PyTorch first: a plain torch requirement would pull a multi-GB CUDA build.
-$(VENV)/.stamp-%: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[torch,$*]"
+# One stamp per extra, redone when pyproject.toml or this file changes; a re-run with the
+# stamp in place installs nothing. CPU torch first: a plain torch requirement would pull a
+# multi-GB CUDA build.
+$(VENV)/.stamp-%: pyproject.toml Makefile | $(BIN)/python
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[torch,$*]"
+	touch $@
+
+$(VENV)/.installed-peers: $(VENV)/.stamp-bench
+	$(PIP) install --quiet --no-deps $(PEERS)
 	touch $@
 
 test: $(VENV)/.stamp-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.stamp-demo
 	$(BIN)/python examples/demo.py
 
-bench: $(VENV)/.stamp-bench
+bench: $(VENV)/.stamp-bench $(VENV)/.installed-peers
 	$(BIN)/python benchmarks/products.py
 
 lint: $(VENV)/.stamp-test
-	$(BIN)/ruff check cola_curvature dispatch_rules tests examples benchmarks
-	$(BIN)/ruff format --check cola_curvature dispatch_rules tests examples benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)

@@ -9,11 +9,14 @@ from importlib.util import find_spec
 
 from cola_curvature import losses
 from cola_curvature.backends import curvature_backend
+from cola_curvature.laplace import Laplace
 from cola_curvature.operators import (
     EKFAC,
     GGN,
     KFAC,
     CurvatureOperator,
+    DiagonalBlock,
+    DiagonalCurvature,
     EigenKronecker,
     EmpiricalFisher,
     FisherMC,
@@ -25,6 +28,8 @@ from cola_curvature.options import DampingMode, FisherType, KFACApprox, Reductio
 
 if find_spec("torch") is not None:  # torch is an optional extra
     import cola_curvature.backends.torch  # noqa: F401  (registers the torch backend)
+if find_spec("jax") is not None:  # jax is an optional extra
+    import cola_curvature.backends.jax  # noqa: F401  (registers the JAX backend)
 
 __all__ = [
     # matrix-free operators
@@ -33,12 +38,16 @@ __all__ = [
     "FisherMC",
     "GGN",
     "Hessian",
-    # Kronecker-factored operators and their structure
+    # Kronecker-factored and diagonal operators and their structure
+    "DiagonalBlock",
+    "DiagonalCurvature",
     "EKFAC",
     "KFAC",
     "EigenKronecker",
     "KroneckerBlock",
     "KroneckerFactored",
+    # laplace
+    "Laplace",
     # options
     "DampingMode",
     "FisherType",

@@ -73,9 +73,13 @@ class Loss(ABC):
 
         All samples are drawn in one call on ``f`` repeated ``num_samples`` times, so
         ``E[d dᵀ] = ∇²_f ℓ`` per example; every user of Monte-Carlo targets draws them this
-        way, so the same ``rng`` state gives the same targets everywhere.
+        way, so the same ``rng`` state gives the same targets everywhere. The repetition is
+        one broadcast (not a concatenation of ``num_samples`` copies, which JAX compiles in
+        time linear in ``num_samples``).
         """
-        stacked = get_library_fns(f.dtype).concat([f] * num_samples, axis=0)
+        xnp = get_library_fns(f.dtype)
+        ones = xnp.ones((num_samples,) + (1,) * f.ndim, dtype=f.dtype, device=xnp.get_device(f))
+        stacked = (ones * f[None]).reshape((num_samples * f.shape[0],) + tuple(f.shape[1:]))
         gradients = self.output_gradient(stacked, self.sample(stacked, rng))
         return gradients.reshape((num_samples,) + tuple(f.shape))
 

@@ -1,80 +1,186 @@
 """Dense float64 ground truth built from flattened parameters with ``torch.func`` only.
 
-Nothing here uses ``cola_curvature``: the total loss is the torch loss (with its own
-reduction) on the concatenation of all batches, which is exactly the empirical risk the
-operators promise whatever the batching.
+Nothing here uses ``cola_curvature``. The empirical risk is the torch loss, with its own
+reduction, evaluated once on the concatenation of all batches: that is exactly the risk
+the operators promise whatever the batching, including torch's "mean" over all output
+elements (MSE, BCE) or over ``N·d1·…`` positions (cross-entropy).
 """
 
+import math
+
 import torch
+from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev
+
+#: The torch losses the reference knows the reduction of.
+SUPPORTED_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
 
 
 def flat_params_and_unflatten(params):
-    """Return the concatenated ``params`` and a function mapping a flat vector back."""
-    shapes = [p.shape for p in params]
+    """Return the concatenated ``params`` and a function mapping a flat vector back.
+
+    The flat order is ``torch.cat([p.flatten() for p in params])``; ``unflatten`` maps a
+    vector ``(D,)`` to tensors shaped like ``params`` and a matrix ``(D, k)`` to tensors of
+    shape ``(*p.shape, k)``.
+    """
+    shapes = [tuple(p.shape) for p in params]
     sizes = [p.numel() for p in params]
 
     def unflatten(flat):
+        trailing = tuple(flat.shape[1:])
         return [
-            chunk.reshape(shape) for chunk, shape in zip(flat.split(sizes), shapes, strict=True)
+            chunk.reshape(shape + trailing)
+            for chunk, shape in zip(flat.split(sizes), shapes, strict=True)
         ]
 
     return torch.cat([p.detach().flatten() for p in params]), unflatten
 
 
-def _concatenated(data):
-    return torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+def _check_loss(loss_func):
+    """Refuse loss options whose scaling the reference does not model."""
+    if not isinstance(loss_func, SUPPORTED_LOSSES):
+        raise NotImplementedError(f"no reference for {type(loss_func).__name__}")
+    if loss_func.reduction not in ("sum", "mean"):
+        raise NotImplementedError(f"no reference for reduction {loss_func.reduction!r}")
+    if getattr(loss_func, "weight", None) is not None:
+        raise NotImplementedError("no reference for class or element weights")
+    if getattr(loss_func, "pos_weight", None) is not None:
+        raise NotImplementedError("no reference for pos_weight")
+    if getattr(loss_func, "label_smoothing", 0.0) != 0.0:
+        raise NotImplementedError("no reference for label smoothing")
 
 
-def _model_at(model, params, unflatten):
-    """Return ``flat -> (x -> model output)`` with only ``params`` replaced."""
+def _cat(parts):
+    """Concatenate batch inputs (tensors, dicts of tensors or tuples of tensors) along 0."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {key: torch.cat([part[key] for part in parts]) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(torch.cat(column) for column in zip(*parts, strict=True))
+    return torch.cat(parts)
+
+
+def _example(inputs, n):
+    """Example ``n`` of concatenated inputs, keeping the batch axis (size 1)."""
+    if isinstance(inputs, dict):
+        return {key: value[n : n + 1] for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(value[n : n + 1] for value in inputs)
+    return inputs[n : n + 1]
+
+
+def _num_examples(inputs):
+    """Number of examples in concatenated inputs."""
+    if isinstance(inputs, dict):
+        return next(iter(inputs.values())).shape[0]
+    if isinstance(inputs, (list, tuple)):
+        return inputs[0].shape[0]
+    return inputs.shape[0]
+
+
+def concatenated(data):
+    """Return ``(X, Y)``: all batches of ``data`` joined along the example axis."""
+    batches = list(data)
+    if not batches:
+        raise ValueError("the reference needs at least one batch")
+    return _cat([x for x, _ in batches]), _cat([y for _, y in batches])
+
+
+def reduction_scale(loss_func, outputs):
+    """``R`` with ``loss_func(outputs, Y) = R · Σ_n ℓ_n``, from torch's definition of "mean".
+
+    ``"sum"``: ``R = 1``. ``"mean"``: ``MSELoss`` and ``BCEWithLogitsLoss`` divide by the
+    number of output elements; ``CrossEntropyLoss`` on outputs ``(N, C, d1, …)`` divides by
+    ``N·d1·…`` (every entry except the class axis).
+    """
+    _check_loss(loss_func)
+    if loss_func.reduction == "sum":
+        return 1.0
+    if isinstance(loss_func, nn.CrossEntropyLoss):
+        if outputs.ndim < 2:
+            raise NotImplementedError("no reference for unbatched cross-entropy")
+        return 1.0 / (outputs.shape[0] * math.prod(outputs.shape[2:]))
+    return 1.0 / outputs.numel()
+
+
+def _model_at(model, params):
+    """Return ``(theta, x) -> model output`` with only ``params`` replaced by ``theta``.
+
+    The model's other parameters and buffers are used as they are (``functional_call``).
+    """
     names = {id(p): n for n, p in model.named_parameters()}
     keys = [names[id(p)] for p in params]
+    _, unflatten = flat_params_and_unflatten(params)
 
-    def evaluate(flat, x):
-        return functional_call(model, dict(zip(keys, unflatten(flat), strict=True)), (x,))
+    def evaluate(theta, x):
+        return functional_call(model, dict(zip(keys, unflatten(theta), strict=True)), (x,))
 
     return evaluate
 
 
+def total_loss_function(model, loss_func, params, data):
+    """Return ``(theta ↦ L(theta), theta0)``: the risk on all data, flat parameters."""
+    _check_loss(loss_func)
+    theta0, _ = flat_params_and_unflatten(params)
+    evaluate = _model_at(model, params)
+    X, Y = concatenated(data)
+    return (lambda theta: loss_func(evaluate(theta, X), Y)), theta0
+
+
 def dense_hessian(model, loss_func, params, data):
     """``∇²_θ L`` by ``torch.func.hessian`` of the total loss."""
-    flat, unflatten = flat_params_and_unflatten(params)
-    evaluate = _model_at(model, params, unflatten)
-    X, Y = _concatenated(data)
-    return hessian(lambda theta: loss_func(evaluate(theta, X), Y))(flat)
+    total_loss, theta0 = total_loss_function(model, loss_func, params, data)
+    return hessian(total_loss)(theta0)
+
+
+def dense_jacobian(model, params, inputs):
+    """``∂f/∂θ`` of all outputs, shape ``(N·C·…, D)`` (outputs flattened row-major)."""
+    theta0, _ = flat_params_and_unflatten(params)
+    evaluate = _model_at(model, params)
+    return jacrev(lambda theta: evaluate(theta, inputs))(theta0).reshape(-1, theta0.numel())
+
+
+def dense_output_hessian(loss_func, outputs, targets):
+    """``∇²_f L`` of the total loss w.r.t. all outputs, shape ``(N·C·…, N·C·…)``."""
+    _check_loss(loss_func)
+    outputs = outputs.detach()
+    return hessian(lambda f: loss_func(f.reshape(outputs.shape), targets))(outputs.flatten())
 
 
 def dense_ggn(model, loss_func, params, data):
-    """``Jᵀ H J`` with the explicit Jacobian of all outputs and the Hessian of the total loss."""
-    flat, unflatten = flat_params_and_unflatten(params)
-    evaluate = _model_at(model, params, unflatten)
-    X, Y = _concatenated(data)
-    outputs = evaluate(flat, X).detach()
-    jacobian = jacrev(lambda theta: evaluate(theta, X))(flat).reshape(-1, flat.numel())
-    output_hessian = hessian(lambda f: loss_func(f.reshape(outputs.shape), Y))(outputs.flatten())
-    return jacobian.T @ output_hessian @ jacobian
+    """``Jᵀ H J`` with the explicit Jacobian of all outputs and the output Hessian of ``L``.
+
+    ``H`` is the Hessian of the total (reduced) loss w.r.t. the full output tensor, so it
+    already carries the factor ``R`` of the reduction.
+    """
+    _check_loss(loss_func)
+    X, Y = concatenated(data)
+    theta0, _ = flat_params_and_unflatten(params)
+    outputs = _model_at(model, params)(theta0, X)
+    jacobian = dense_jacobian(model, params, X)
+    return jacobian.T @ dense_output_hessian(loss_func, outputs, Y) @ jacobian
 
 
-def risk_scale(loss_func, data, model):
-    """``R`` such that the total loss is ``R`` times the sum-reduced loss (from torch itself)."""
-    X, Y = _concatenated(data)
-    with torch.no_grad():
-        outputs = model(X)
-    summed = type(loss_func)(reduction="sum")(outputs, Y)
-    return (loss_func(outputs, Y) / summed).item()
+def per_example_gradients(model, loss_func, params, data):
+    """``(N, D)`` gradients of the sum-reduced loss of each single example."""
+    _check_loss(loss_func)
+    theta0, _ = flat_params_and_unflatten(params)
+    evaluate = _model_at(model, params)
+    summed = type(loss_func)(reduction="sum")
+    X, Y = concatenated(data)
+
+    def example_gradient(n):
+        x, y = _example(X, n), Y[n : n + 1]
+        return grad(lambda theta: summed(evaluate(theta, x), y))(theta0)
+
+    return torch.stack([example_gradient(n) for n in range(_num_examples(X))])
 
 
 def dense_empirical_fisher(model, loss_func, params, data):
     """``R Σ_n ∇ℓ_n ∇ℓ_nᵀ`` from per-example gradients of the sum-reduced per-example loss."""
-    flat, unflatten = flat_params_and_unflatten(params)
-    evaluate = _model_at(model, params, unflatten)
-    X, Y = _concatenated(data)
-    summed = type(loss_func)(reduction="sum")
-    gradients = torch.stack(
-        [
-            grad(lambda theta, n=n: summed(evaluate(theta, X[n : n + 1]), Y[n : n + 1]))(flat)
-            for n in range(X.shape[0])
-        ]
-    )
-    return risk_scale(loss_func, data, model) * gradients.T @ gradients
+    X, _ = concatenated(data)
+    theta0, _ = flat_params_and_unflatten(params)
+    with torch.no_grad():
+        outputs = _model_at(model, params)(theta0, X)
+    gradients = per_example_gradients(model, loss_func, params, data)
+    return reduction_scale(loss_func, outputs) * gradients.T @ gradients

@@ -16,8 +16,10 @@ dispatch = Dispatcher()
 def curvature_backend(model: object, loss_func: Any, params: Any) -> CurvatureBackend:
     """Return the backend for ``model``; backends register methods for their model types."""
     raise TypeError(
-        f"No curvature backend for a model of type {type(model).__name__}; expected a "
-        "torch.nn.Module (install the 'torch' extra)."
+        f"No curvature backend for a model of type {type(model).__name__} with loss "
+        f"{type(loss_func).__name__}; expected a torch.nn.Module (install the 'torch' extra), "
+        "or a JAX model_fn(params, x) with a cola_curvature.losses object such as "
+        "cc.losses.MSE() (install the 'jax' extra)."
     )
 
 

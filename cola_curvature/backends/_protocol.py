@@ -12,8 +12,10 @@ Array = Any
 Batch = tuple[Any, Any]
 #: One entry per parameter, each of shape ``(k, *param.shape)``: ``k`` tangent columns.
 ParamColumns = list[Array]
-#: ``(f, y, JV) -> U``: an output-space matrix applied to ``JV`` of shape ``(k, *f.shape)``.
-OutputMatmat = Callable[[Array, Array, Array], Array]
+#: ``(f, y, JV, rng) -> U``: an output-space matrix applied to ``JV`` of shape
+#: ``(k, *f.shape)``; ``rng`` is ``None`` for exact matrices. Pass a stable callable (a bound
+#: method, not a fresh closure): the JAX backend compiles one program per callable.
+OutputMatmat = Callable[[Array, Array, Array, RandomSource | None], Array]
 #: ``(f, y) -> scalar``: the scaled risk contributed by one batch.
 BatchRisk = Callable[[Array, Array], Array]
 
@@ -30,12 +32,16 @@ class CurvatureBackend(Protocol):
         """Return the model output ``f(x)`` for one batch of inputs."""
 
     def gauss_newton_matmat(
-        self, columns: ParamColumns, batch: Batch, output_matmat: OutputMatmat
+        self,
+        columns: ParamColumns,
+        batch: Batch,
+        output_matmat: OutputMatmat,
+        rng: RandomSource | None,
     ) -> ParamColumns:
         """Return ``Jᵀ M J V`` with ``M`` given by ``output_matmat``, one forward pass shared."""
 
     def hessian_matmat(self, columns: ParamColumns, batch: Batch, risk: BatchRisk) -> ParamColumns:
-        """Return ``∇²_θ risk · V`` by forward-over-reverse differentiation."""
+        """Return ``∇²_θ risk · V`` (``risk`` a stable callable, as ``output_matmat``)."""
 
     @property
     def param_names(self) -> list[str]:
@@ -77,6 +83,9 @@ class CurvatureBackend(Protocol):
 
     def unflatten(self, matrix: Array) -> ParamColumns:
         """Split a matrix ``(D, k)`` into per-parameter columns ``(k, *p.shape)``."""
+
+    def is_param_format(self, v: Any) -> bool:
+        """Return whether ``v`` is parameter-shaped input, not a ``(D,)`` or ``(D, k)`` array."""
 
     def as_param_matrix(self, tensors: Any) -> Array:
         """Turn parameter-shaped input into a ``(D, 1)`` matrix, validating the shapes."""

@@ -1,6 +1,7 @@
 """Curvature matrices as CoLA linear operators, one family per module."""
 
 from cola_curvature.operators._base import CurvatureOperator
+from cola_curvature.operators.diagonal import DiagonalBlock, DiagonalCurvature
 from cola_curvature.operators.ekfac import EKFAC
 from cola_curvature.operators.empirical_fisher import EmpiricalFisher
 from cola_curvature.operators.fisher import FisherMC
@@ -11,6 +12,8 @@ from cola_curvature.operators.kronecker import EigenKronecker, KroneckerBlock, K
 
 __all__ = [
     "CurvatureOperator",
+    "DiagonalBlock",
+    "DiagonalCurvature",
     "EKFAC",
     "EigenKronecker",
     "EmpiricalFisher",

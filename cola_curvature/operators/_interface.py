@@ -15,16 +15,17 @@ class ParameterSpaceInterface:
     """Mixin for CoLA operators over a model's parameters (needs ``self._backend``).
 
     Adds validated ``@`` for ``(D,)``, ``(D, k)`` and parameter-shaped input (a list of
-    tensors shaped like ``params``, answered in the same format), and :meth:`to_scipy`.
+    tensors or a pytree shaped like ``params``, answered in the same format), and
+    :meth:`to_scipy`.
     """
 
     _backend: CurvatureBackend
 
     def __matmul__(self, X: Any) -> Any:
-        """Multiply by ``(D,)``, ``(D, k)``, a CoLA operator, or a list shaped like ``params``."""
+        """Multiply by ``(D,)``, ``(D, k)``, a CoLA operator, or input shaped like ``params``."""
         if isinstance(X, LinearOperator):
             return super().__matmul__(X)
-        if isinstance(X, (list, tuple)):
+        if self._backend.is_param_format(X):
             return self._backend.as_param_format(self._matmat(self._backend.as_param_matrix(X)))
         self._backend.check_matrix(X)
         return super().__matmul__(X)

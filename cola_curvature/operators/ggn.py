@@ -32,12 +32,11 @@ class GGN(CurvatureOperator):
 
     annotation = PSD
 
+    def _output_matmat(self, f: Array, y: Array, jv: Array, rng: Any) -> Array:
+        """Return ``R H J V`` from ``f``, ``y`` and ``J V`` of shape ``(k, *f.shape)``."""
+        self._loss.check_target(f, y)
+        return self._loss.scale(f, self.num_data) * self._loss.hessian_matmat(f, jv)
+
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``R Jᵀ H J V`` on one batch."""
-        loss, num_data = self._loss, self.num_data
-
-        def output_matmat(f: Array, y: Array, jv: Array) -> Array:
-            loss.check_target(f, y)
-            return loss.scale(f, num_data) * loss.hessian_matmat(f, jv)
-
-        return self._backend.gauss_newton_matmat(columns, batch, output_matmat)
+        return self._backend.gauss_newton_matmat(columns, batch, self._output_matmat, rng)

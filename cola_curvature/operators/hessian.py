@@ -29,12 +29,11 @@ class Hessian(CurvatureOperator):
 
     annotation = SelfAdjoint
 
+    def _risk(self, f: Array, y: Array) -> Array:
+        """Return ``R Σ_{n ∈ batch} ℓ(f_n, y_n)``."""
+        self._loss.check_target(f, y)
+        return self._loss.scale(f, self.num_data) * self._loss.sum_value(f, y)
+
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``∇²_θ (R Σ_{n ∈ batch} ℓ_n) V``."""
-        loss, num_data = self._loss, self.num_data
-
-        def risk(f: Array, y: Array) -> Array:
-            loss.check_target(f, y)
-            return loss.scale(f, num_data) * loss.sum_value(f, y)
-
-        return self._backend.hessian_matmat(columns, batch, risk)
+        return self._backend.hessian_matmat(columns, batch, self._risk)

@@ -189,7 +189,7 @@ class KroneckerFactored(BlockDiag):
         if not all(isinstance(block, KroneckerBlock) for block in self.blocks):
             raise ValueError(
                 "heuristic damping needs blocks G ⊗ A with both factors (KFAC); this operator "
-                "has eigen-corrected blocks (EKFAC): use mode='exact'."
+                "has other blocks (eigen-corrected, diagonal, dense): use mode='exact'."
             )
         return self.with_blocks([block.heuristically_damped(damping) for block in self.blocks])
 

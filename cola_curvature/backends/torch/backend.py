@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from cola_curvature.backends.torch import kfac, products
+from cola_curvature.backends.torch import kfac, per_example, products
 from cola_curvature.backends.torch.losses import as_loss
 from cola_curvature.backends.torch.state import TorchRandom, preserved_global_state
 from cola_curvature.losses import Loss
@@ -95,13 +95,64 @@ class TorchBackend:
         with torch.no_grad():
             return self._model_fn()(self._params, inputs)
 
+    def curvature_diagonal(
+        self,
+        batch: tuple[Any, Any],
+        num_data: int,
+        fisher_type: FisherType,
+        mc_samples: int,
+        rng: TorchRandom,
+    ) -> torch.Tensor:
+        """Return one batch's ``R Σ_{n,c} (J_nᵀ u_{n,c})²``: the exact curvature diagonal.
+
+        ``u`` are the output cotangents of ``fisher_type`` (as for KFAC), so this is the
+        diagonal of the GGN (type-2), of the Monte-Carlo Fisher (mc) or of the empirical
+        Fisher (empirical).
+        """
+        inputs, targets = batch
+        model_fn = self._model_fn()
+        outputs = self.forward(inputs)
+        self.loss.check_target(outputs, targets)
+        cotangents = kfac.output_cotangents(
+            self.loss, outputs, targets, fisher_type, mc_samples, rng
+        )
+        gradients = per_example.per_example_cotangent_gradients(
+            model_fn, self._params, inputs, cotangents
+        )
+        return self.loss.scale(outputs, num_data) * (gradients**2).sum((0, 1))
+
+    def output_jacobian(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``f(x)`` and the Jacobian ``∂f/∂θ`` of shape ``(*f.shape, D)``.
+
+        Reverse mode over all output entries (``torch.func.jacrev``): ``numel(f)`` backward
+        passes batched by ``vmap``; for predictive variances on small test batches.
+        """
+        model_fn = self._model_fn()
+        params = [p.detach() for p in self._params]
+        with self.preserved_state():
+            outputs = model_fn(params, inputs).detach()
+            jacobians = torch.func.jacrev(
+                lambda *ps: model_fn(ps, inputs), argnums=tuple(range(len(params)))
+            )(*params)
+        flat = [j.reshape(*outputs.shape, -1) for j in jacobians]
+        return outputs, torch.cat(flat, dim=-1)
+
     def gauss_newton_matmat(
-        self, columns: list[torch.Tensor], batch: tuple[Any, Any], output_matmat: Callable
+        self,
+        columns: list[torch.Tensor],
+        batch: tuple[Any, Any],
+        output_matmat: Callable,
+        rng: TorchRandom | None,
     ) -> list[torch.Tensor]:
         """Return ``Jᵀ M J V`` on one batch (see :func:`products.gauss_newton_matmat`)."""
         inputs, targets = batch
         return products.gauss_newton_matmat(
-            self._model_fn(), self._params, columns, inputs, targets, output_matmat
+            self._model_fn(),
+            self._params,
+            columns,
+            inputs,
+            targets,
+            lambda f, y, jv: output_matmat(f, y, jv, rng),
         )
 
     def hessian_matmat(
@@ -183,6 +234,10 @@ class TorchBackend:
         """Split a ``(D, k)`` matrix into per-parameter columns ``(k, *p.shape)``."""
         blocks = matrix.T.split(self._sizes, dim=1)
         return [b.reshape((matrix.shape[1], *s)) for b, s in zip(blocks, self._shapes, strict=True)]
+
+    def is_param_format(self, v: Any) -> bool:
+        """Return whether ``v`` is a list or tuple of tensors (parameter-shaped input)."""
+        return isinstance(v, (list, tuple))
 
     def as_param_matrix(self, tensors: Sequence[Any]) -> torch.Tensor:
         """Turn a list of tensors shaped like ``params`` into a ``(D, 1)`` matrix."""

@@ -1,0 +1,20 @@
+"""The JAX backend; importing it registers it for ``model_fn(params, x)`` callables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cola_curvature.backends import curvature_backend, dispatch
+from cola_curvature.backends.jax.backend import JaxBackend
+from cola_curvature.losses import Loss
+
+
+# precedence=-1: an ``nn.Module`` with a ``cc.losses`` object stays with the torch backend
+@dispatch(precedence=-1)
+def curvature_backend(model: Callable, loss_func: Loss, params: Any) -> JaxBackend:  # noqa: F811
+    """Return the JAX backend for a ``model_fn(params, x)`` with a ``cc.losses`` loss."""
+    return JaxBackend(model, loss_func, params)
+
+
+__all__ = ["JaxBackend", "curvature_backend"]

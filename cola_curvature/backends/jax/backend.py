@@ -1,0 +1,265 @@
+"""The JAX curvature backend: a ``model_fn(params, x)`` with a pytree of parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cola_curvature.backends.jax import products
+from cola_curvature.backends.jax.state import JaxRandom
+from cola_curvature.losses import SUPPORTED_LOSSES, Loss
+
+Array = Any
+PyTree = Any
+
+
+def _check_loss(loss_func: Any) -> Loss:
+    """Return ``loss_func`` if it is a :mod:`cola_curvature.losses` object, else raise."""
+    if not isinstance(loss_func, Loss):
+        names = ", ".join(f"cola_curvature.losses.{t.__name__}" for t in SUPPORTED_LOSSES)
+        raise TypeError(
+            f"A JAX model needs loss_func among {names}; got {type(loss_func).__name__}."
+        )
+    return loss_func
+
+
+def _check_leaves(params: PyTree) -> tuple[list[str], list[Array], Any]:
+    """Return the names, leaves (as JAX arrays) and tree structure of ``params``."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not paths:
+        raise TypeError(
+            f"params must be a non-empty pytree of JAX arrays, got {type(params).__name__} "
+            "without array leaves."
+        )
+    names = [jax.tree_util.keystr(path) or "params" for path, _ in paths]
+    leaves = []
+    for name, (_, leaf) in zip(names, paths, strict=True):
+        if not isinstance(leaf, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"params leaf {name} is a {type(leaf).__module__}.{type(leaf).__name__}; a JAX "
+                "model_fn needs JAX arrays (convert with jnp.asarray(...); torch models go "
+                "in as torch.nn.Module)."
+            )
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(
+                f"params leaf {name} has dtype {leaf.dtype}; curvature needs floating-point "
+                "parameters: cast it (leaf.astype(jnp.float64)) or close over it in model_fn."
+            )
+        leaves.append(jnp.asarray(leaf))
+    dtypes = {leaf.dtype for leaf in leaves}
+    if len(dtypes) > 1:
+        raise ValueError(f"params must share one dtype, got {sorted(map(str, dtypes))}.")
+    return names, leaves, treedef
+
+
+def _arrays(obj: Any) -> list[Array]:
+    """Return the array leaves of a nested batch structure."""
+    return [x for x in jax.tree_util.tree_leaves(obj) if isinstance(x, (jax.Array, np.ndarray))]
+
+
+class JaxBackend:
+    """Products of a JAX ``model_fn(params, x)``'s Jacobian and Hessian w.r.t. ``params``.
+
+    Flat vectors and the rows of ``(D, k)`` matrices follow
+    ``jax.flatten_util.ravel_pytree(params)``: the leaves in ``jax.tree_util`` order
+    (dict keys sorted), each raveled in C order. Every product is jit-compiled once per
+    batch shape and per operator (the output-space matrix is a static argument), so
+    later products on the same shapes do not re-trace the model.
+
+    Args:
+        model: ``model_fn(params, x) -> outputs``, a pure function of JAX arrays.
+        loss_func: A :mod:`cola_curvature.losses` object.
+        params: A pytree of floating-point arrays of one dtype, as ``model_fn`` takes it.
+
+    """
+
+    def __init__(self, model: Callable[[PyTree, Any], Array], loss_func: Any, params: PyTree):
+        self.loss: Loss = _check_loss(loss_func)
+        self._names, leaves, self._treedef = _check_leaves(params)
+        self._model_fn = model
+        self._params = self._treedef.unflatten(leaves)
+        self._shapes = [tuple(leaf.shape) for leaf in leaves]
+        self._sizes = [leaf.size for leaf in leaves]
+        self.dtype = leaves[0].dtype
+        self.device = next(iter(leaves[0].devices()))
+        self.num_params = sum(self._sizes)
+        self._forward = jax.jit(model)
+        self._gauss_newton = jax.jit(
+            partial(products.gauss_newton_matmat, model), static_argnames="output_matmat"
+        )
+        self._hessian = jax.jit(partial(products.hessian_matmat, model), static_argnames="risk")
+
+    def forward(self, inputs: Any) -> Array:
+        """Return the model output ``f(x)``."""
+        return self._forward(self._params, inputs)
+
+    def gauss_newton_matmat(
+        self,
+        columns: list[Array],
+        batch: tuple[Any, Any],
+        output_matmat: Callable,
+        rng: JaxRandom | None,
+    ) -> list[Array]:
+        """Return ``Jᵀ M J V`` on one batch (see :func:`products.gauss_newton_matmat`)."""
+        inputs, targets = batch
+        key = None if rng is None else rng.next_key()
+        result = self._gauss_newton(
+            self._params,
+            self._treedef.unflatten(columns),
+            inputs,
+            targets,
+            key,
+            output_matmat=output_matmat,
+        )
+        return self._treedef.flatten_up_to(result)
+
+    def hessian_matmat(
+        self, columns: list[Array], batch: tuple[Any, Any], risk: Callable
+    ) -> list[Array]:
+        """Return ``∇²_θ risk · V`` on one batch (see :func:`products.hessian_matmat`)."""
+        inputs, targets = batch
+        result = self._hessian(
+            self._params, self._treedef.unflatten(columns), inputs, targets, risk=risk
+        )
+        return self._treedef.flatten_up_to(result)
+
+    def kronecker_layers(self) -> list[Any]:
+        """Raise: KFAC and EKFAC are not implemented for JAX models yet."""
+        raise NotImplementedError(
+            "KFAC and EKFAC are not implemented for JAX models yet; use cc.GGN or "
+            "cc.FisherMC, or the torch backend."
+        )
+
+    def kronecker_statistics(self, *args: Any, **kwargs: Any) -> Any:
+        """Raise: KFAC is not implemented for JAX models yet."""
+        return self.kronecker_layers()
+
+    def kronecker_eigencorrections(self, *args: Any, **kwargs: Any) -> Any:
+        """Raise: EKFAC is not implemented for JAX models yet."""
+        return self.kronecker_layers()
+
+    @property
+    def param_names(self) -> list[str]:
+        """Return the key path of each leaf (e.g. ``"['dense']['w']"``), in flat order."""
+        return list(self._names)
+
+    @property
+    def param_sizes(self) -> list[int]:
+        """Return the number of entries of each leaf, in flat order."""
+        return list(self._sizes)
+
+    def flatten(self, columns: Sequence[Array]) -> Array:
+        """Stack per-leaf columns ``(k, *leaf.shape)`` into a ``(D, k)`` matrix."""
+        return jnp.concatenate([c.reshape(c.shape[0], -1) for c in columns], axis=1).T
+
+    def unflatten(self, matrix: Array) -> list[Array]:
+        """Split a ``(D, k)`` matrix into per-leaf columns ``(k, *leaf.shape)``."""
+        blocks = jnp.split(matrix.T, np.cumsum(self._sizes)[:-1], axis=1)
+        return [b.reshape((matrix.shape[1], *s)) for b, s in zip(blocks, self._shapes, strict=True)]
+
+    def is_param_format(self, v: Any) -> bool:
+        """Return whether ``v`` is parameter-shaped input: any pytree that is not an array."""
+        return not hasattr(v, "shape")
+
+    def as_param_matrix(self, tree: PyTree) -> Array:
+        """Turn a pytree shaped like ``params`` into a ``(D, 1)`` matrix."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        shapes = [tuple(getattr(leaf, "shape", ())) for leaf in leaves]
+        if treedef != self._treedef or shapes != self._shapes:
+            raise ValueError(
+                f"parameter-shaped input must be a pytree with the structure {self._treedef} "
+                f"and leaf shapes {self._shapes}, got {treedef} with leaf shapes {shapes}."
+            )
+        for leaf in leaves:
+            self._check_array(leaf)
+        return self.flatten([leaf[None] for leaf in leaves])
+
+    def as_param_format(self, matrix: Array) -> PyTree:
+        """Turn a ``(D, 1)`` matrix into a pytree shaped like ``params``."""
+        return self._treedef.unflatten([c[0] for c in self.unflatten(matrix)])
+
+    def _check_array(self, v: Any) -> None:
+        """Raise unless ``v`` is a JAX array of the parameters' dtype."""
+        if not isinstance(v, jax.Array):
+            raise TypeError(
+                f"expected a jax.Array, got {type(v).__module__}.{type(v).__name__}; convert "
+                "it with jnp.asarray(...)."
+            )
+        if v.dtype != self.dtype:
+            raise ValueError(
+                f"expected an array with dtype {self.dtype} like the parameters, got dtype "
+                f"{v.dtype}; convert it with v.astype(jnp.{self.dtype})."
+            )
+
+    def check_matrix(self, v: Any) -> None:
+        """Raise unless ``v`` has shape ``(D,)`` or ``(D, k)`` and the parameters' dtype."""
+        self._check_array(v)
+        if v.ndim not in (1, 2) or v.shape[0] != self.num_params:
+            raise ValueError(
+                f"params have {self.num_params} entries but v has shape {tuple(v.shape)}; "
+                f"expected (D,) or (D, k) with D={self.num_params}, or a pytree shaped like "
+                "params."
+            )
+
+    def batch_size(self, inputs: Any) -> int:
+        """Return ``inputs.shape[0]``; other inputs need a ``batch_size_fn``."""
+        if not isinstance(inputs, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"inputs of type {type(inputs).__name__} are not an array; pass "
+                "batch_size_fn=... that returns the number of examples in a batch."
+            )
+        return inputs.shape[0]
+
+    def check_batch(self, batch: tuple[Any, Any]) -> None:
+        """Raise when a batch holds NaN or infinite values, or ``model_fn`` rejects it.
+
+        ``model_fn(params, X)`` is evaluated abstractly (``jax.eval_shape``), so a
+        ``params`` pytree that does not fit ``model_fn`` fails here, at construction.
+        """
+        for x in _arrays(batch):
+            if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
+                raise ValueError(
+                    "data contains NaN or infinite values; clean or impute them before "
+                    "building a curvature operator."
+                )
+        try:
+            outputs = jax.eval_shape(self._model_fn, self._params, batch[0])
+        except Exception as error:  # any failure inside user code means the same fix
+            raise ValueError(
+                f"model_fn(params, X) failed with {type(error).__name__}: {error}\nCheck that "
+                "params is the pytree model_fn expects (structure and leaf shapes) and that "
+                "X is a batch of its inputs."
+            ) from error
+        if not isinstance(outputs, jax.ShapeDtypeStruct) or not jnp.issubdtype(
+            outputs.dtype, jnp.floating
+        ):
+            raise TypeError(
+                f"model_fn(params, X) must return one floating-point array, got {outputs}."
+            )
+
+    def batches_equal(self, first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
+        """Return whether two batches hold identical arrays."""
+        a, b = _arrays(first), _arrays(second)
+        return len(a) == len(b) and all(
+            x.shape == y.shape and bool(jnp.array_equal(x, y)) for x, y in zip(a, b, strict=True)
+        )
+
+    def arrays_close(self, first: Array, second: Array) -> bool:
+        """Return whether two arrays agree to a tolerance scaled to the dtype's precision."""
+        rtol = 1e3 * float(jnp.finfo(first.dtype).eps)
+        atol = rtol * float(jnp.abs(second).max())
+        return bool(jnp.allclose(first, second, rtol=rtol, atol=atol))
+
+    def preserved_state(self) -> AbstractContextManager[None]:
+        """Return a no-op context: JAX has no global RNG or buffers a product could change."""
+        return nullcontext()
+
+    def random(self, seed: int) -> JaxRandom:
+        """Return a random source over its own ``jax.random`` key, seeded with ``seed``."""
+        return JaxRandom.seeded(seed)

@@ -1,0 +1,188 @@
+"""The matrix-free operators on JAX models: dense references, formats, compilation, errors."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+from jax.flatten_util import ravel_pytree
+
+import cola_curvature as cc
+from tests import jax_reference
+from tests import reference as torch_reference
+from tests._tols import EXACT_RTOL, MC_RTOL
+from tests.cases import Case
+from tests.jax_cases import build_jax_problem, mlp_fn, torch_to_jax_order
+
+OPERATORS = {
+    "hessian": (cc.Hessian, jax_reference.dense_hessian, torch_reference.dense_hessian),
+    "ggn": (cc.GGN, jax_reference.dense_ggn, torch_reference.dense_ggn),
+    "empirical-fisher": (
+        cc.EmpiricalFisher,
+        jax_reference.dense_empirical_fisher,
+        torch_reference.dense_empirical_fisher,
+    ),
+}
+#: The (loss, reduction) pairs the MLP sees on uneven batches (the sequence model on one).
+UNEVEN = {("mse", "sum"), ("ce", "mean"), ("bce", "mean")}
+
+
+def _keep(case):
+    """Every model with every loss and reduction once, half of them on uneven batches."""
+    on_uneven = ((case.loss, case.reduction) in UNEVEN) == (case.model == "mlp")
+    return (case.batching == "uneven") == on_uneven
+
+
+CASES = [
+    case
+    for case in itertools.starmap(
+        Case,
+        itertools.product(
+            ["mlp", "sequence"], ["mse", "ce", "bce"], ["sum", "mean"], ["one", "uneven"]
+        ),
+    )
+    if _keep(case)
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64():
+    """Run this module's tests with ``jax_enable_x64`` and restore the setting after."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+def relative_error(actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+def dense(operator):
+    return operator @ jnp.eye(operator.shape[0])
+
+
+@pytest.mark.parametrize("operator_name", OPERATORS)
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_dense_form_matches_jax_and_torch_references(case, operator_name):
+    operator_type, jax_dense, torch_dense = OPERATORS[operator_name]
+    problem = build_jax_problem(case)
+    operator = operator_type(*problem.args, check_deterministic=False)
+    actual = dense(operator)
+    expected = jax_dense(problem.model_fn, case.loss, case.reduction, problem.params, problem.data)
+    assert relative_error(actual, expected) < EXACT_RTOL
+    model, loss_func, params, data = problem.torch_problem
+    perm = torch_to_jax_order(model)
+    from_torch = torch_dense(model, loss_func, params, data).numpy()[np.ix_(perm, perm)]
+    assert relative_error(actual, from_torch) < EXACT_RTOL
+
+
+@pytest.mark.parametrize("operator_type", [cc.Hessian, cc.GGN, cc.EmpiricalFisher, cc.FisherMC])
+def test_vector_matrix_and_pytree_products_agree(operator_type):
+    problem = build_jax_problem(Case("sequence", "ce", "mean", "one"))
+    operator = operator_type(*problem.args)
+    V = jax.random.normal(jax.random.key(1), (operator.shape[0], 3))
+    matrix_product = operator @ V
+    assert matrix_product.shape == V.shape
+    for i in range(3):
+        assert relative_error(operator @ V[:, i], matrix_product[:, i]) < EXACT_RTOL
+    _, unravel = ravel_pytree(problem.params)
+    shaped = operator @ unravel(V[:, 0])
+    assert jax.tree_util.tree_structure(shaped) == jax.tree_util.tree_structure(problem.params)
+    assert relative_error(ravel_pytree(shaped)[0], matrix_product[:, 0]) < EXACT_RTOL
+    scipy_operator = operator.to_scipy()
+    assert isinstance(scipy_operator, scipy.sparse.linalg.LinearOperator)
+    assert relative_error(scipy_operator @ np.asarray(V), matrix_product) < EXACT_RTOL
+
+
+def tiny_classifier():
+    return build_jax_problem(Case("mlp", "ce", "mean", "one"), seed=3)
+
+
+def test_mc_fisher_converges_to_the_ggn_and_is_fixed_per_seed():
+    problem = tiny_classifier()
+    ggn = dense(cc.GGN(*problem.args))
+    few_operator = cc.FisherMC(*problem.args, mc_samples=1, seed=0)
+    few = dense(few_operator)
+    many = dense(cc.FisherMC(*problem.args, mc_samples=3000, seed=0))
+    assert relative_error(many, ggn) < MC_RTOL
+    assert relative_error(many, ggn) < relative_error(few, ggn) / 5
+    again = dense(few_operator)
+    other = dense(cc.FisherMC(*problem.args, mc_samples=1, seed=1))
+    assert np.array_equal(few, again)
+    assert not np.allclose(few, other)
+    assert np.linalg.eigvalsh(np.asarray(few)).min() > -1e-12
+
+
+@pytest.mark.parametrize("operator_type", [cc.Hessian, cc.GGN, cc.FisherMC])
+def test_products_compile_once_per_batch_shape(operator_type):
+    problem = build_jax_problem(Case("mlp", "mse", "sum", "uneven"))
+    traces = []
+
+    def counting_fn(params, x):
+        traces.append(x.shape)
+        return mlp_fn(params, x)
+
+    operator = operator_type(counting_fn, problem.loss, problem.params, problem.data)
+    V = jax.random.normal(jax.random.key(0), (operator.shape[0], 2))
+    operator @ V
+    traced = len(traces)
+    second = operator @ (2 * V)
+    assert len(traces) == traced
+    assert relative_error(second, 2 * (operator @ V)) < EXACT_RTOL
+    assert len(traces) == traced
+
+
+def test_bad_input_names_the_fix():
+    problem = tiny_classifier()
+    model_fn, loss, params, data = problem.args
+    with pytest.raises(ValueError, match="params is the pytree model_fn expects"):
+        cc.GGN(model_fn, loss, {"0.weight": params["0.weight"]}, data)
+    with pytest.raises(ValueError, match="params is the pytree model_fn expects"):
+        cc.GGN(model_fn, loss, {**params, "2.bias": jnp.zeros(7)}, data)
+    with pytest.raises(TypeError, match=r"leaf \['0.bias'\] has dtype int.*astype"):
+        cc.GGN(model_fn, loss, {**params, "0.bias": jnp.zeros(5, dtype=int)}, data)
+    with pytest.raises(TypeError, match=r"leaf \['0.bias'\] is a torch.Tensor.*jnp.asarray"):
+        cc.GGN(model_fn, loss, {**params, "0.bias": torch.zeros(5)}, data)
+    with pytest.raises(ValueError, match="one dtype"):
+        cc.GGN(model_fn, loss, {**params, "0.bias": jnp.zeros(5, dtype=jnp.float32)}, data)
+    with pytest.raises(TypeError, match="No curvature backend.*cola_curvature.losses"):
+        cc.GGN(model_fn, torch.nn.CrossEntropyLoss(), params, data)
+    with pytest.raises(ValueError, match="labels"):
+        cc.GGN(model_fn, loss, params, [(x, y[:, None]) for x, y in data])
+    ggn = cc.GGN(model_fn, loss, params, data)
+    D = ggn.shape[0]
+    with pytest.raises(ValueError, match=rf"entries but v has shape \({D + 1},\).*D={D}"):
+        ggn @ jnp.zeros(D + 1)
+    with pytest.raises(ValueError, match="dtype float64.*astype"):
+        ggn @ jnp.zeros(D, dtype=jnp.float32)
+    with pytest.raises(TypeError, match=r"jax.Array, got torch.Tensor.*jnp.asarray"):
+        ggn @ torch.zeros(D, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"jax.Array, got numpy.ndarray"):
+        ggn @ np.zeros(D)
+    with pytest.raises(ValueError, match="parameter-shaped input must be a pytree"):
+        ggn @ {"0.weight": params["0.weight"]}
+    with pytest.raises(NotImplementedError, match="not implemented for JAX models"):
+        cc.KFAC(model_fn, loss, params, data)
+
+
+def test_products_run_under_jit_and_vmap_and_take_dict_inputs():
+    problem = tiny_classifier()
+    ggn = cc.GGN(*problem.args)
+    V = jax.random.normal(jax.random.key(2), (ggn.shape[0], 2))
+    expected = ggn @ V
+    assert relative_error(jax.jit(lambda v: ggn @ v)(V), expected) < EXACT_RTOL
+    assert relative_error(jax.vmap(lambda v: ggn @ v)(V.T).T, expected) < EXACT_RTOL
+    dict_data = [({"x": x}, y) for x, y in problem.data]
+    dict_ggn = cc.GGN(
+        lambda params, inputs: mlp_fn(params, inputs["x"]),
+        problem.loss,
+        problem.params,
+        dict_data,
+        batch_size_fn=lambda inputs: inputs["x"].shape[0],
+    )
+    assert relative_error(dict_ggn @ V, expected) < EXACT_RTOL

@@ -1,0 +1,153 @@
+"""The Laplace posterior against dense computations of the same formulas."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import cola_curvature as cc
+from tests.reference import dense_ggn
+
+F64 = torch.float64
+
+
+def regression_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).to(F64)
+    X = 8 * torch.rand(30, 1, dtype=F64)
+    y = torch.sin(X) + 0.3 * torch.randn(30, 1, dtype=F64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(X), y).backward()
+        optimizer.step()
+    return model, nn.MSELoss(), list(model.parameters()), [(X[:20], y[:20]), (X[20:], y[20:])]
+
+
+def classification_problem():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    X, y = torch.randn(25, 2, dtype=F64), torch.randint(0, 3, (25,))
+    return (
+        model,
+        nn.CrossEntropyLoss(),
+        list(model.parameters()),
+        [(X[:10], y[:10]), (X[10:], y[10:])],
+    )
+
+
+def jacobian(model, X):
+    """Explicit Jacobian of the outputs w.r.t. all parameters, shape ``(N, C, D)``."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    jac = jacrev(
+        lambda *ps: functional_call(model, dict(zip(names, ps, strict=True)), (X,)),
+        argnums=tuple(range(len(params))),
+    )(*params)
+    return torch.cat([j.reshape(*j.shape[:2], -1) for j in jac], dim=-1)
+
+
+def dense_evidence(model, loss_func, params, data, curvature, delta, sigma, regression):
+    X = torch.cat([x for x, _ in data])
+    Y = torch.cat([t for _, t in data])
+    theta = torch.cat([p.detach().flatten() for p in params])
+    D = theta.numel()
+    posterior = curvature / sigma**2 + delta * torch.eye(D, dtype=F64)
+    with torch.no_grad():
+        f = model(X)
+    if regression:
+        nll = ((f - Y) ** 2).sum() / (2 * sigma**2) + 0.5 * f.numel() * math.log(
+            2 * math.pi * sigma**2
+        )
+    else:
+        nll = nn.functional.cross_entropy(f, Y, reduction="sum")
+    evidence = -nll - 0.5 * delta * (theta**2).sum() + 0.5 * D * math.log(delta)
+    return evidence - 0.5 * torch.logdet(posterior), posterior
+
+
+@pytest.mark.parametrize("curvature", ["full", "kfac", "ekfac", "diag"])
+@pytest.mark.parametrize(
+    "problem", [regression_problem, classification_problem], ids=["regression", "classification"]
+)
+def test_evidence_and_predictive_match_dense_formulas(problem, curvature):
+    model, loss_func, params, data = problem()
+    regression = isinstance(loss_func, nn.MSELoss)
+    sigma = 0.4 if regression else 1.0
+    laplace = cc.Laplace(
+        model, loss_func, params, data, curvature=curvature, prior_precision=2.0, sigma_noise=sigma
+    )
+    H = laplace.curvature.to_dense()
+    if curvature == "full":
+        scale = 0.5 if regression else 1.0
+        summed = type(loss_func)(reduction="sum")
+        assert torch.allclose(
+            H, scale * dense_ggn(model, summed, params, data), rtol=1e-10, atol=1e-12
+        )
+    expected, posterior = dense_evidence(model, loss_func, params, data, H, 2.0, sigma, regression)
+    assert abs(laplace.log_marginal_likelihood() - expected) < 1e-10 * abs(expected)
+    X = data[0][0][:4]
+    mean, covariance = laplace.predictive(X)
+    J = jacobian(model, X)
+    rows = J.reshape(-1, J.shape[-1])
+    full = (rows @ torch.linalg.solve(posterior, rows.T)).reshape(4, -1, 4, J.shape[1])
+    expected_cov = torch.stack([full[n, :, n, :] for n in range(4)])
+    assert torch.allclose(covariance, expected_cov, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(mean, model(X).detach())
+
+
+def test_evidence_is_differentiable_and_optimisation_improves_it():
+    model, loss_func, params, data = regression_problem()
+    laplace = cc.Laplace(model, loss_func, params, data, curvature="kfac", sigma_noise=1.0)
+    delta = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    sigma = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    laplace.log_marginal_likelihood(delta, sigma).backward()
+    step = 1e-6
+    for variable in (delta, sigma):
+        plus, minus = (variable.detach() + step, variable.detach() - step)
+        args = (
+            (lambda v: (v, sigma.detach()))
+            if variable is delta
+            else (lambda v: (delta.detach(), v))
+        )
+        numeric = (
+            laplace.log_marginal_likelihood(*args(plus))
+            - laplace.log_marginal_likelihood(*args(minus))
+        ) / (2 * step)
+        assert torch.allclose(variable.grad, numeric, rtol=1e-5)
+    before = laplace.log_marginal_likelihood()
+    laplace.optimize_prior_precision(steps=60, lr=0.1, progressbar=False)
+    assert laplace.log_marginal_likelihood() > before
+    residual = (model(torch.cat([x for x, _ in data])) - torch.cat([t for _, t in data])).std()
+    assert 0.5 * residual < laplace.sigma_noise < 2 * residual
+
+
+def test_samples_have_the_posterior_covariance():
+    model, loss_func, params, data = classification_problem()
+    laplace = cc.Laplace(model, loss_func, params, data, curvature="kfac", prior_precision=1.0)
+    samples = laplace.sample(20000, seed=0)
+    covariance = torch.linalg.inv(laplace.posterior_precision().to_dense())
+    assert torch.allclose(samples.mean(1), laplace._mean, atol=0.05)
+    assert ((torch.cov(samples) - covariance).norm() / covariance.norm()) < 0.05
+
+
+def test_probit_probabilities_are_a_distribution_and_shrink_confidence():
+    model, loss_func, params, data = classification_problem()
+    laplace = cc.Laplace(model, loss_func, params, data, curvature="full", prior_precision=0.5)
+    X = data[0][0]
+    probabilities = laplace.predictive_probabilities(X)
+    assert torch.allclose(probabilities.sum(-1), torch.ones(X.shape[0], dtype=F64))
+    plain = model(X).softmax(-1).detach()
+    assert (probabilities.max(-1).values <= plain.max(-1).values + 1e-12).all()
+
+
+def test_bad_input():
+    model, loss_func, params, data = regression_problem()
+    with pytest.raises(ValueError, match="curvature 'diagonal'"):
+        cc.Laplace(model, loss_func, params, data, curvature="diagonal")
+    with pytest.raises(ValueError, match="prior_precision must be positive"):
+        cc.Laplace(model, loss_func, params, data, prior_precision=0.0)
+    model_c, loss_c, params_c, data_c = classification_problem()
+    with pytest.raises(ValueError, match="regression"):
+        cc.Laplace(model_c, loss_c, params_c, data_c, sigma_noise=2.0)
