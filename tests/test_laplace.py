@@ -140,6 +140,11 @@ def test_probit_probabilities_are_a_distribution_and_shrink_confidence():
     assert torch.allclose(probabilities.sum(-1), torch.ones(X.shape[0], dtype=F64))
     plain = model(X).softmax(-1).detach()
     assert (probabilities.max(-1).values <= plain.max(-1).values + 1e-12).all()
+    sampled = laplace.predictive_probabilities(X, method="mc", num_samples=20000, seed=1)
+    assert torch.allclose(sampled.sum(-1), torch.ones(X.shape[0], dtype=F64))
+    assert (sampled - probabilities).abs().max() < 0.05
+    with pytest.raises(ValueError, match="'probit' or 'mc'"):
+        laplace.predictive_probabilities(X, method="laplace-bridge")
 
 
 def test_bad_input():
