@@ -1,6 +1,7 @@
 """Check in float64 that the curvature products equal dense ``torch.func`` references.
 
-Small MLPs and CNNs (one with in-place ReLUs and an eval-mode BatchNorm), MSE and
+Small MLPs and CNNs (one with in-place ReLUs and an eval-mode BatchNorm, one MLP with a
+custom ``autograd.Function`` whose backward is ``@once_differentiable``), MSE and
 cross-entropy with ``"sum"`` and ``"mean"``, two uneven batches, one vector and a
 3-column matrix: Hessian against ``torch.func.hessian`` of the risk, GGN against
 ``Jᵀ H_f J`` from an explicit Jacobian, empirical Fisher against per-example gradients,
@@ -18,6 +19,7 @@ import sys
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, hessian, jacrev, vmap
 
 import cola_curvature as cc
@@ -26,8 +28,42 @@ RTOL = 1e-10
 NUM_COLUMNS = 3
 
 
-def models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
-    """Return small float64 models and their input shapes (without the batch axis)."""
+class _Tanh(torch.autograd.Function):
+    """``tanh`` with a first-order-only backward and a forward-mode rule."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return tangent * (1 - y * y)
+
+
+class CustomTanh(nn.Module):
+    """``tanh`` through :class:`_Tanh` (double backward through it is silently zero)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Tanh.apply(x)
+
+
+def models() -> dict[str, tuple[nn.Module, tuple[int, ...], nn.Module]]:
+    """Return small float64 models, input shapes and twins with the same math for references.
+
+    The twin differs only for the custom-Function MLP, whose reference uses ``torch.tanh``.
+    """
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
     cnn = nn.Sequential(
@@ -53,10 +89,14 @@ def models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
         cnn_inplace[1].running_mean.uniform_(-0.5, 0.5)
         cnn_inplace[1].running_var.uniform_(0.5, 1.5)
     cnn_inplace.eval()
+    custom = nn.Sequential(nn.Linear(5, 6), CustomTanh(), nn.Linear(6, 3)).double()
+    twin = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    twin.load_state_dict(custom.state_dict())
     return {
-        "mlp": (mlp.double(), (5,)),
-        "cnn": (cnn.double(), (2, 8, 8)),
-        "cnn-inplace-bn": (cnn_inplace.double(), (2, 8, 8)),
+        "mlp": (mlp.double(), (5,), mlp),
+        "cnn": (cnn.double(), (2, 8, 8), cnn),
+        "cnn-inplace-bn": (cnn_inplace.double(), (2, 8, 8), cnn_inplace),
+        "mlp-custom-function": (custom, (5,), twin),
     }
 
 
@@ -118,12 +158,12 @@ def main() -> int:
     """Run all cases, print each relative error and return the exit status."""
     worst = 0.0
     losses = [nn.MSELoss, nn.CrossEntropyLoss]
-    for (name, (model, shape)), loss_type, reduction in itertools.product(
+    for (name, (model, shape, twin)), loss_type, reduction in itertools.product(
         models().items(), losses, ["sum", "mean"]
     ):
         loss_func = loss_type(reduction=reduction)
         params, data, X, y = problem(model, shape, loss_func)
-        dense = references(model, loss_func, params, X, y)
+        dense = references(twin, loss_func, list(twin.parameters()), X, y)
         D = dense["GGN"].shape[0]
         generator = torch.Generator().manual_seed(2)
         V = torch.randn(D, NUM_COLUMNS, dtype=torch.float64, generator=generator)

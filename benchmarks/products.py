@@ -6,9 +6,10 @@ mean cross-entropy on one random batch of 128, float32) this script times one gr
 8-column matrix, and plain ``torch.func``/autograd baselines (double-backward HVP,
 forward-over-reverse HVP, GGN via ``jvp`` + analytic loss Hessian + ``vjp``). All
 measurements run round-robin ``--repeats`` times after a warm-up, so slow phases of a
-shared machine hit them alike; ratios use medians. Peak memory, the largest net growth
-of the bytes torch allocates during one call, comes from the allocation events of
-``torch.profiler`` after the timings (``--no-memory`` skips it).
+shared machine hit them alike, each timed call right after an untimed one of the same
+measurement; ratios use medians (and, in parentheses, minima). Peak memory, the largest
+net growth of the bytes torch allocates during one call, comes from the allocation
+events of ``torch.profiler`` after the timings (``--no-memory`` skips it).
 
 Run from the repository root (the second form works before the package is installed)::
 
@@ -22,6 +23,7 @@ It prints a Markdown table of ratios and writes raw times and ratios to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -32,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -156,7 +158,12 @@ def measurements(name: str) -> dict[str, tuple[Callable[[], object], int]]:
 def time_interleaved(
     thunks: dict[str, tuple[Callable[[], object], int]], repeats: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Return the wall-clock times of each thunk, taken round-robin ``repeats`` times."""
+    """Return the wall-clock times of each thunk, taken round-robin ``repeats`` times.
+
+    Each timed call directly follows an untimed call of the same thunk: otherwise a call
+    that follows a memory-hungry one pays for page faults on memory the allocator has
+    just returned to the system (the CNN gradient then varies between 16 and 23 ms).
+    """
     labels = list(thunks)
     for _ in range(warmup):
         for label in labels:
@@ -167,6 +174,7 @@ def time_interleaved(
         shift = r % len(labels)  # rotate the order so no measurement always follows another
         for label in labels[shift:] + labels[:shift]:
             thunk = thunks[label][0]
+            thunk()
             start = time.perf_counter()
             thunk()
             times[label].append(time.perf_counter() - start)
@@ -182,6 +190,20 @@ def _profiler_nodes(nodes: list) -> list:
     return result
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ library logs each start and stop)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_mib(thunk: Callable[[], object]) -> float | None:
     """Return the peak of the bytes allocated (net of frees) during one call, in MiB.
 
@@ -192,7 +214,7 @@ def peak_memory_mib(thunk: Callable[[], object]) -> float | None:
         from torch._C._profiler import _EventType
 
         activities = [torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        with _quiet_stderr(), torch.profiler.profile(activities, profile_memory=True) as prof:
             thunk()
         tree = prof.profiler.kineto_results.experimental_event_tree()
     except (ImportError, AttributeError, RuntimeError):
@@ -307,7 +329,7 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -98,6 +98,11 @@ class Loss(ABC):
         return 1.0 / (num_data * self.terms_per_example(f))
 
 
+def _is_traced(x: Array) -> bool:
+    """Return whether ``x`` is an abstract value inside a JAX transformation (no values)."""
+    return "Tracer" in type(x).__name__
+
+
 def _diagonal_factor(f: Array, sqrt_diagonal: Array) -> Array:
     """Return ``S[k, n] = √h_{n,k} e_k`` for a diagonal per-example Hessian ``diag(h_n)``."""
     xnp = get_library_fns(f.dtype)
@@ -210,7 +215,7 @@ class CrossEntropy(Loss):
         xnp = get_library_fns(f.dtype)
         cumulative = xnp.moveaxis(self._probabilities(f), 1, -1).cumsum(-1)
         u = rng.uniform(tuple(cumulative.shape[:-1]) + (1,), f)
-        below = xnp.cast(cumulative[..., :-1] < u, xnp.int64)
+        below = xnp.cast(cumulative[..., :-1] < u, xnp.int32)  # int32: JAX has no int64 without x64
         return below.sum(-1)
 
     def check_target(self, f: Array, y: Array) -> None:
@@ -224,6 +229,13 @@ class CrossEntropy(Loss):
             )
         if "int" not in str(y.dtype):
             raise ValueError(f"CrossEntropy needs integer class labels, got dtype {y.dtype}.")
+        # Values are only checked eagerly; under jax.jit the shape check above still runs.
+        if not _is_traced(y) and (bool((y < 0).any()) or bool((y >= f.shape[1]).any())):
+            raise ValueError(
+                f"CrossEntropy labels must lie in [0, {f.shape[1]}); got values from "
+                f"{int(y.min())} to {int(y.max())}. Padding with ignore_index (-100) is not "
+                "supported: drop those positions from the data."
+            )
 
 
 class BCEWithLogits(Loss):

@@ -153,8 +153,18 @@ def _keep(case):
 
 CASES = [
     case
-    for case in itertools.starmap(
-        Case, itertools.product(MODELS, LOSSES, REDUCTIONS, BATCHINGS)
-    )
+    for case in itertools.starmap(Case, itertools.product(MODELS, LOSSES, REDUCTIONS, BATCHINGS))
     if _keep(case)
 ]
+
+
+def ignore_some_labels(data, ignore_index=-100):
+    """Copy of cross-entropy ``data`` with labels ``(N, T)`` and a few set to ``ignore_index``.
+
+    One position of example 0 and all positions of example 1 are ignored.
+    """
+    (x, y), *rest = data
+    y = y.clone()
+    y[0, 0] = ignore_index
+    y[1, :] = ignore_index
+    return [(x, y), *rest]

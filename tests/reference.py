@@ -10,7 +10,7 @@ import math
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, hessian, jacrev
+from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp
 
 #: The torch losses the reference knows the reduction of.
 SUPPORTED_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
@@ -86,12 +86,13 @@ def concatenated(data):
     return _cat([x for x, _ in batches]), _cat([y for _, y in batches])
 
 
-def reduction_scale(loss_func, outputs):
+def reduction_scale(loss_func, outputs, targets=None):
     """``R`` with ``loss_func(outputs, Y) = R · Σ_n ℓ_n``, from torch's definition of "mean".
 
     ``"sum"``: ``R = 1``. ``"mean"``: ``MSELoss`` and ``BCEWithLogitsLoss`` divide by the
     number of output elements; ``CrossEntropyLoss`` on outputs ``(N, C, d1, …)`` divides by
-    ``N·d1·…`` (every entry except the class axis).
+    ``N·d1·…`` (every entry except the class axis), less the positions whose label is
+    ``ignore_index`` when ``targets`` are given (torch leaves those out of sum and count).
     """
     _check_loss(loss_func)
     if loss_func.reduction == "sum":
@@ -99,6 +100,8 @@ def reduction_scale(loss_func, outputs):
     if isinstance(loss_func, nn.CrossEntropyLoss):
         if outputs.ndim < 2:
             raise NotImplementedError("no reference for unbatched cross-entropy")
+        if targets is not None and not targets.is_floating_point():  # class labels
+            return 1.0 / (targets != loss_func.ignore_index).sum().item()
         return 1.0 / (outputs.shape[0] * math.prod(outputs.shape[2:]))
     return 1.0 / outputs.numel()
 
@@ -178,9 +181,53 @@ def per_example_gradients(model, loss_func, params, data):
 
 def dense_empirical_fisher(model, loss_func, params, data):
     """``R Σ_n ∇ℓ_n ∇ℓ_nᵀ`` from per-example gradients of the sum-reduced per-example loss."""
-    X, _ = concatenated(data)
+    X, Y = concatenated(data)
     theta0, _ = flat_params_and_unflatten(params)
     with torch.no_grad():
         outputs = _model_at(model, params)(theta0, X)
     gradients = per_example_gradients(model, loss_func, params, data)
-    return reduction_scale(loss_func, outputs) * gradients.T @ gradients
+    return reduction_scale(loss_func, outputs, Y) * gradients.T @ gradients
+
+
+# --- matrix-free references, for models too large for a dense matrix ----------------------
+
+
+def hessian_matmat(model, loss_func, params, data, V):
+    """``∇²L V`` column by column, reverse-over-reverse (``grad`` of ``⟨∇L, v⟩``).
+
+    (Forward-over-reverse trips over torch's immutable ``ZeroTensor`` tangents in
+    ``MSELoss``'s backward.)
+    """
+    total_loss, theta0 = total_loss_function(model, loss_func, params, data)
+    gradient = grad(total_loss)
+    return torch.stack([grad(lambda theta, v=v: gradient(theta) @ v)(theta0) for v in V.T], dim=1)
+
+
+def ggn_matmat(model, loss_func, params, data, V):
+    """``Jᵀ H J V`` column by column: ``jvp`` of the outputs, output Hessian, ``vjp``.
+
+    ``H (J v)`` is reverse-over-reverse, as in :func:`hessian_matmat`.
+    """
+    _check_loss(loss_func)
+    theta0, _ = flat_params_and_unflatten(params)
+    evaluate = _model_at(model, params)
+    X, Y = concatenated(data)
+    outputs, pullback = vjp(lambda theta: evaluate(theta, X), theta0)
+    outputs = outputs.detach()
+    output_gradient = grad(lambda f: loss_func(f, Y))
+    columns = []
+    for v in V.T:
+        Jv = jvp(lambda theta: evaluate(theta, X), (theta0,), (v,))[1]
+        HJv = grad(lambda f, Jv=Jv: (output_gradient(f) * Jv).sum())(outputs)
+        columns.append(pullback(HJv)[0])
+    return torch.stack(columns, dim=1)
+
+
+def empirical_fisher_matmat(model, loss_func, params, data, V):
+    """``R Gᵀ (G V)`` with the ``(N, D)`` per-example gradients ``G``."""
+    X, Y = concatenated(data)
+    theta0, _ = flat_params_and_unflatten(params)
+    with torch.no_grad():
+        outputs = _model_at(model, params)(theta0, X)
+    gradients = per_example_gradients(model, loss_func, params, data)
+    return reduction_scale(loss_func, outputs, Y) * gradients.T @ (gradients @ V)

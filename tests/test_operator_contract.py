@@ -11,7 +11,12 @@ import cola_curvature as cc
 from tests._state import assert_unchanged, snapshot
 from tests._tols import DETERMINISM_ATOL, EXACT_RTOL, SCIPY_RTOL
 from tests.cases import F64, Case
-from tests.reference import dense_ggn, dense_hessian, flat_params_and_unflatten
+from tests.reference import (
+    dense_empirical_fisher,
+    dense_ggn,
+    dense_hessian,
+    flat_params_and_unflatten,
+)
 
 MATRIX_FREE = [cc.Hessian, cc.GGN, cc.EmpiricalFisher, cc.FisherMC]
 ALL_OPERATORS = MATRIX_FREE + [cc.KFAC, cc.EKFAC]
@@ -184,16 +189,41 @@ def test_train_mode_batchnorm_products_leave_running_stats_alone():
     assert torch.equal(model.norm.num_batches_tracked, batches_tracked)
 
 
-@pytest.mark.parametrize("operator_type", [cc.Hessian, cc.GGN], ids=by_name)
-def test_a_frozen_parameter_in_params_gets_its_curvature(operator_type):
-    """``requires_grad=False`` on a listed parameter neither breaks nor zeroes the result."""
+@pytest.mark.parametrize("frozen", ["one-frozen", "all-frozen"])
+@pytest.mark.parametrize("operator_type", [cc.Hessian, cc.GGN, cc.EmpiricalFisher], ids=by_name)
+def test_frozen_parameters_in_params_get_their_curvature(operator_type, frozen):
+    """``requires_grad=False`` on listed parameters neither breaks nor zeroes the result."""
     model, loss_func, params, data = batch_norm_problem(train=False)
-    model.linear.bias.requires_grad_(False)
-    reference = {cc.Hessian: dense_hessian, cc.GGN: dense_ggn}[operator_type]
+    if frozen == "all-frozen":
+        model.requires_grad_(False)
+    else:
+        model.linear.bias.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    reference = {
+        cc.Hessian: dense_hessian,
+        cc.GGN: dense_ggn,
+        cc.EmpiricalFisher: dense_empirical_fisher,
+    }[operator_type]
     expected = reference(model, loss_func, params, data)
     operator = operator_type(model, loss_func, params, data)
     assert relative_error(operator.to_dense(), expected) < EXACT_RTOL
-    assert model.linear.bias.requires_grad is False
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize("operator_type", MATRIX_FREE, ids=by_name)
+def test_inference_mode_never_gives_a_silently_wrong_product(operator_type):
+    """Inside ``torch.inference_mode()`` a product is right, or fails naming the mode."""
+    model, loss_func, params, data = CONTRACT_CASE.build()
+    operator = operator_type(model, loss_func, params, data)
+    V = random_matrix(operator, 2)
+    expected = operator @ V
+    try:
+        with torch.inference_mode():
+            result = operator @ V
+    except (RuntimeError, ValueError) as error:
+        assert "inference" in str(error).lower(), error
+    else:
+        assert relative_error(result, expected) < EXACT_RTOL
 
 
 @pytest.mark.parametrize("operator_type", MATRIX_FREE, ids=by_name)

@@ -10,8 +10,9 @@ from torch import nn
 
 import cola_curvature as cc
 from tests._state import assert_unchanged, snapshot
-from tests._tols import DETERMINISM_ATOL
-from tests.cases import F64, Case
+from tests._tols import DETERMINISM_ATOL, EXACT_RTOL
+from tests.cases import F64, Case, ignore_some_labels
+from tests.reference import dense_empirical_fisher, dense_ggn, dense_hessian
 
 MATRIX_FREE = [cc.Hessian, cc.GGN, cc.EmpiricalFisher, cc.FisherMC]
 WITH_KFAC = MATRIX_FREE + [cc.KFAC]
@@ -32,7 +33,7 @@ def problem():
 
 @pytest.fixture
 def built():
-    """``(operator, model)`` with a snapshot taken after construction."""
+    """``(GGN operator, model)`` of the MLP problem."""
     model, loss_func, params, data = problem()
     return cc.GGN(model, loss_func, params, data), model
 
@@ -101,7 +102,11 @@ def test_bad_targets(operator_type, check_deterministic):
         "ce-labels-(N,1)": (loss_func, [(X, y[:, None])], mentions_all("label", "shape|\\(")),
         "ce-float-labels": (loss_func, [(X, y.to(F64))], "(?i)integer|label|dtype"),
         "mse-shape": (nn.MSELoss(), [(X, torch.zeros(X.shape[0], 1, dtype=F64))], "(?i)shape"),
-        "bce-shape": (nn.BCEWithLogitsLoss(), [(X, torch.zeros(X.shape[0], dtype=F64))], "(?i)shape"),
+        "bce-shape": (
+            nn.BCEWithLogitsLoss(),
+            [(X, torch.zeros(X.shape[0], dtype=F64))],
+            "(?i)shape",
+        ),
     }
     for name, (loss, bad_data, match) in bad.items():
         with pytest.raises(ValueError, match=match):
@@ -111,6 +116,46 @@ def test_bad_targets(operator_type, check_deterministic):
             operator @ torch.ones(operator.shape[0], dtype=F64)
             pytest.fail(f"{name}: no error")
     assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("bad_label", [3, -1], ids=["label-C", "label-minus-1"])
+@pytest.mark.parametrize("operator_type", MATRIX_FREE, ids=by_name)
+def test_labels_outside_the_classes(operator_type, bad_label):
+    """Torch raises for labels outside ``[0, C)``; the operators must not compute silently."""
+    model, loss_func, params, data = problem()  # C = 3 classes
+    (X, y), *rest = data
+    y = y.clone()
+    y[0] = bad_label
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="(?i)label|class|range"):
+        operator = operator_type(model, loss_func, params, [(X, y), *rest])
+        operator @ torch.ones(operator.shape[0], dtype=F64)
+    assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("operator_type", [cc.Hessian, cc.GGN, cc.EmpiricalFisher], ids=by_name)
+def test_ignored_labels_follow_torch_or_raise(operator_type, reduction):
+    """``ignore_index`` labels (-100, e.g. sequence padding) are left out of torch's risk.
+
+    The operator must equal the reference of that risk, or refuse with a ``ValueError``
+    that names ``ignore_index``; computing something else silently is the failure.
+    """
+    model, loss_func, params, data = Case("sequence", "ce", reduction, "uneven").build()
+    data = ignore_some_labels(data)
+    reference = {
+        cc.Hessian: dense_hessian,
+        cc.GGN: dense_ggn,
+        cc.EmpiricalFisher: dense_empirical_fisher,
+    }[operator_type]
+    try:
+        operator = operator_type(model, loss_func, params, data)
+        dense = operator.to_dense()
+    except ValueError as error:
+        assert "ignore" in str(error).lower(), error
+    else:
+        expected = reference(model, loss_func, params, data)
+        assert ((dense - expected).norm() / expected.norm()).item() < EXACT_RTOL
 
 
 @pytest.mark.parametrize("operator_type", WITH_KFAC, ids=by_name)

@@ -11,7 +11,10 @@ from tests.reference import (
     dense_empirical_fisher,
     dense_ggn,
     dense_hessian,
+    empirical_fisher_matmat,
     flat_params_and_unflatten,
+    ggn_matmat,
+    hessian_matmat,
 )
 
 OPERATORS = {
@@ -77,6 +80,101 @@ def test_batching_does_not_change_the_products(case, problem, options, operator_
     one = operator_type(*case.with_batching("one").build())
     V = torch.randn(split.shape[0], 3, dtype=F64, generator=torch.Generator().manual_seed(2))
     assert relative_error(split @ V, one @ V) < EXACT_RTOL
+
+
+def inplace_relu_model():
+    """In-place ReLU: operations that overwrite their input."""
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+
+
+def non_contiguous_model():
+    """A weight whose storage is transposed (``Parameter(W.T)``): flatten is logical."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].weight = nn.Parameter(torch.randn(4, 6).T)
+    assert not model[0].weight.is_contiguous()
+    return model
+
+
+def batch_norm_eval_model():
+    """Batch norm in eval mode: its running statistics are constants of the model."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    return model
+
+
+def conv_padding_avgpool_model():
+    """Conv2d with stride and padding, average pooling, a 1×1 conv and a flatten."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.Sigmoid(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(3, 2, 1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+
+
+SPECIAL_MODELS = {
+    "inplace-relu": (inplace_relu_model, (4,)),
+    "non-contiguous": (non_contiguous_model, (4,)),
+    "batchnorm-eval": (batch_norm_eval_model, (4,)),
+    "conv-padding-avgpool": (conv_padding_avgpool_model, (2, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("operator_name", OPERATORS)
+@pytest.mark.parametrize("model_name", SPECIAL_MODELS)
+def test_special_models_with_one_two_and_three_columns(model_name, operator_name):
+    build, input_shape = SPECIAL_MODELS[model_name]
+    with torch.random.fork_rng():
+        torch.manual_seed(6)
+        model = build().to(F64).eval()
+        X, y = torch.randn(10, *input_shape, dtype=F64), torch.randint(0, 3, (10,))
+    params = list(model.parameters())
+    problem = (model, nn.CrossEntropyLoss(), params, [(X[:6], y[:6]), (X[6:], y[6:])])
+    operator_type, reference = OPERATORS[operator_name]
+    expected = reference(*problem)
+    operator = operator_type(*problem)
+    V = torch.randn(operator.shape[0], 3, dtype=F64, generator=torch.Generator().manual_seed(7))
+    for columns in ([0], [0, 1], [0, 1, 2]):
+        assert relative_error(operator @ V[:, columns], expected @ V[:, columns]) < EXACT_RTOL
+    assert relative_error(operator @ V[:, 0], expected @ V[:, 0]) < EXACT_RTOL
+    _, unflatten = flat_params_and_unflatten(params)
+    shaped = torch.cat([t.flatten() for t in operator @ unflatten(V[:, 1])])
+    assert relative_error(shaped, expected @ V[:, 1]) < EXACT_RTOL
+
+
+MATMAT_REFERENCES = {
+    "hessian": hessian_matmat,
+    "ggn": ggn_matmat,
+    "empirical-fisher": empirical_fisher_matmat,
+}
+
+
+@pytest.mark.parametrize("operator_name", OPERATORS)
+def test_many_columns_on_a_wide_model(operator_name):
+    """D = 65539, 40 columns, MiB-sized tangents: against matrix-free references.
+
+    Large products may take other code paths than the tiny cases (e.g. columns batched
+    only below a memory budget, so here one batch of 9 may be batched differently from the
+    batch of 6); the result must not depend on that.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(4, 8192), nn.Tanh(), nn.Linear(8192, 3)).to(F64).eval()
+        X, y = torch.randn(15, 4, dtype=F64), torch.randint(0, 3, (15,))
+    params = list(model.parameters())
+    problem = (model, nn.CrossEntropyLoss(), params, [(X[:9], y[:9]), (X[9:], y[9:])])
+    operator = OPERATORS[operator_name][0](*problem)
+    V = torch.randn(operator.shape[0], 40, dtype=F64, generator=torch.Generator().manual_seed(5))
+    product = operator @ V
+    reference = MATMAT_REFERENCES[operator_name]
+    assert relative_error(product[:, [0, 1, 39]], reference(*problem, V[:, [0, 1, 39]])) < (
+        EXACT_RTOL
+    )
+    assert relative_error(product[:, 20], operator @ V[:, 20]) < EXACT_RTOL
 
 
 # --- Monte-Carlo Fisher ------------------------------------------------------------------

@@ -18,13 +18,16 @@ from tests._tols import (
     FINITE_DIFFERENCE_STEP,
     PSD_RTOL,
 )
-from tests.cases import CASES, LOSSES, Case
+from tests.cases import CASES, LOSSES, Case, ignore_some_labels
 from tests.reference import (
     concatenated,
     dense_empirical_fisher,
     dense_ggn,
     dense_hessian,
+    empirical_fisher_matmat,
     flat_params_and_unflatten,
+    ggn_matmat,
+    hessian_matmat,
     reduction_scale,
 )
 
@@ -145,6 +148,34 @@ def test_reduction_scale_matches_torchs_ratio_of_mean_to_sum(case):
     summed = type(loss_func)(reduction="sum")(outputs, Y)
     expected = (loss_func(outputs, Y) / summed).item()
     assert reduction_scale(loss_func, outputs) == pytest.approx(expected, rel=EXACT_RTOL)
+    assert reduction_scale(loss_func, outputs, Y) == pytest.approx(expected, rel=EXACT_RTOL)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_references_follow_torchs_ignore_index(reduction):
+    """Labels equal to ``ignore_index`` leave the sum and the "mean" count, as in torch."""
+    model, loss_func, params, data = Case("sequence", "ce", reduction, "uneven").build()
+    data = ignore_some_labels(data)
+    X, Y = concatenated(data)
+    with torch.no_grad():
+        outputs = model(X)
+    summed = type(loss_func)(reduction="sum")(outputs, Y)
+    expected_scale = (loss_func(outputs, Y) / summed).item()
+    assert reduction_scale(loss_func, outputs, Y) == pytest.approx(expected_scale, rel=EXACT_RTOL)
+    assert (
+        relative_error(
+            dense_empirical_fisher(model, loss_func, params, data),
+            autograd_empirical_fisher(model, loss_func, params, data),
+        )
+        < EXACT_RTOL
+    )
+    assert (
+        relative_error(
+            dense_hessian(model, loss_func, params, data),
+            autograd_hessian(model, loss_func, params, data),
+        )
+        < EXACT_RTOL
+    )
 
 
 @pytest.mark.parametrize("case", ROUTE_CASES, ids=ROUTE_IDS)
@@ -196,6 +227,19 @@ def test_empirical_fisher_reference_matches_per_example_backward(case):
     expected = autograd_empirical_fisher(model, loss_func, params, data)
     actual = dense_empirical_fisher(model, loss_func, params, data)
     assert relative_error(actual, expected) < EXACT_RTOL
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=ROUTE_IDS)
+def test_matrix_free_references_match_the_dense_ones(case):
+    problem = case.build()
+    D = sum(p.numel() for p in problem[2])
+    V = torch.randn(D, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    for matmat, dense in [
+        (hessian_matmat, dense_hessian),
+        (ggn_matmat, dense_ggn),
+        (empirical_fisher_matmat, dense_empirical_fisher),
+    ]:
+        assert relative_error(matmat(*problem, V), dense(*problem) @ V) < EXACT_RTOL, matmat
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])

@@ -231,7 +231,13 @@ class TorchBackend:
         return torch.cat([c.reshape(c.shape[0], -1) for c in columns], dim=1).T
 
     def unflatten(self, matrix: torch.Tensor) -> list[torch.Tensor]:
-        """Split a ``(D, k)`` matrix into per-parameter columns ``(k, *p.shape)``."""
+        """Split a ``(D, k)`` matrix into per-parameter columns ``(k, *p.shape)``.
+
+        A tensor made under ``torch.inference_mode()`` is cloned: autodiff cannot use it.
+        """
+        if matrix.is_inference():
+            with torch.inference_mode(False):
+                matrix = matrix.clone()
         blocks = matrix.T.split(self._sizes, dim=1)
         return [b.reshape((matrix.shape[1], *s)) for b, s in zip(blocks, self._shapes, strict=True)]
 

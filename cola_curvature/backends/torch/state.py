@@ -18,8 +18,8 @@ def preserved_global_state(device: torch.device) -> Iterator[None]:
     Data loaders with shuffling draw from torch's global generator and models in train
     mode (dropout) consume it; both must leave no trace on the user's side. Reverse and
     forward mode are switched on inside, since callers such as CoLA's iterative solvers
-    run products within ``torch.no_grad()`` or a custom ``autograd.Function``, where
-    forward mode is off and dual tensors would silently carry no tangent.
+    run products within ``torch.no_grad()``, ``torch.inference_mode()`` or a custom
+    ``autograd.Function``, where dual tensors would silently carry no tangent.
     """
     numpy_state = np.random.get_state()
     python_state = random.getstate()
@@ -27,6 +27,7 @@ def preserved_global_state(device: torch.device) -> Iterator[None]:
     try:
         with (
             torch.random.fork_rng(devices=devices),
+            torch.inference_mode(False),
             torch.enable_grad(),
             fwad._set_fwd_grad_enabled(True),
         ):
