@@ -160,9 +160,9 @@ def time_interleaved(
 ) -> dict[str, list[float]]:
     """Return the wall-clock times of each thunk, taken round-robin ``repeats`` times.
 
-    Each timed call directly follows an untimed call of the same thunk: otherwise a call
-    that follows a memory-hungry one pays for page faults on memory the allocator has
-    just returned to the system (the CNN gradient then varies between 16 and 23 ms).
+    Each timed call directly follows an untimed call of the same thunk: otherwise a call's
+    time depends on what ran before it (the CNN gradient varied between 16 and 23 ms,
+    most likely from page faults on memory just returned to the system).
     """
     labels = list(thunks)
     for _ in range(warmup):
@@ -213,8 +213,10 @@ def peak_memory_mib(thunk: Callable[[], object]) -> float | None:
     try:
         from torch._C._profiler import _EventType
 
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        with _quiet_stderr(), torch.profiler.profile(activities, profile_memory=True) as prof:
+        profiler = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        )
+        with _quiet_stderr(), profiler as prof:
             thunk()
         tree = prof.profiler.kineto_results.experimental_event_tree()
     except (ImportError, AttributeError, RuntimeError):

@@ -22,9 +22,10 @@ class GGN(CurvatureOperator):
     Shapes: ``D`` parameter entries; ``G @ v`` takes ``(D,)``, ``(D, k)`` or a list of
     tensors shaped like ``params``.
 
-    Cost per product and batch: one forward pass with dual tensors (``J v``) that also
-    records the graph, plus one backward pass (``Jᵀ u``): about 1.5 gradients; ``k``
-    columns cost ``k`` of each. Annotation: ``PSD``.
+    Cost per product and batch (torch): one forward pass with dual tensors (``J v``) that
+    also records the graph, plus one backward pass (``Jᵀ u``): about 1.5 gradients; further
+    columns replay only the tangent operations, about 0.95 gradients per column for 8
+    (small CNN, ``benchmarks/RESULTS.md``). Annotation: ``PSD``.
 
     Reference: Schraudolph, "Fast curvature matrix-vector products for second-order
     gradient descent", Neural Computation 2002.
