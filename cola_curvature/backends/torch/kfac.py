@@ -249,13 +249,20 @@ def batch_eigencorrections(
 
     ``∇W_{n,c} = Σ_t g_{n,t,c} ã_{n,t}ᵀ`` is example ``n``'s gradient for column ``c``
     (true per-example gradients, positions summed) and ``(Q_G, Q_A)`` the eigenbases of the
-    layer's Kronecker factors (George et al., 2018).
+    layer's Kronecker factors (George et al., 2018). Without shared positions (``T = 1``) the
+    projected gradient is an outer product, ``(Q_Gᵀ g)(Q_Aᵀ ã)ᵀ``, so its square is the outer
+    product of the squares: one ``(out × N C') · (N C' × in)`` product, never the
+    ``(C', N, out, in)`` per-example gradients that ``T > 1`` needs.
     """
     corrections = {}
     for name, (q_out, q_in) in bases.items():
         a, g = signals.inputs[name], signals.output_grads[name]
         projected_a = a @ q_in
         projected_g = g @ q_out
-        per_example = torch.einsum("cnto,nti->cnoi", projected_g, projected_a)
-        corrections[name] = signals.scale * (per_example**2).sum((0, 1))
+        if a.shape[1] == 1:
+            squares = torch.einsum("cno,ni->oi", projected_g[:, :, 0] ** 2, projected_a[:, 0] ** 2)
+        else:
+            per_example = torch.einsum("cnto,nti->cnoi", projected_g, projected_a)
+            squares = (per_example**2).sum((0, 1))
+        corrections[name] = signals.scale * squares
     return corrections
