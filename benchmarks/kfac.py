@@ -7,7 +7,7 @@ time of one gradient (model forward included) taken in the same rounds. The inve
 is ``cola.linalg.inv(K + λI) @ v`` with the factors' eigendecompositions cached (built
 once outside the timing), as an optimizer would use it between refreshes.
 
-Run from the repository root::
+Run from the repository root (the script imports ``benchmarks/products.py`` beside it)::
 
     .venv-ci/bin/python benchmarks/kfac.py --repeats 7
 """
@@ -24,52 +24,18 @@ from pathlib import Path
 
 import cola
 import torch
+from products import build_problem  # the sibling script: same models and batch
 from torch import nn
 
 import cola_curvature as cc
 
-BATCH_SIZE = 128
 DAMPING = 1e-3
-
-
-def build_model(name: str) -> nn.Module:
-    """Return the benchmark model ``name`` (``"mlp"`` or ``"cnn"``)."""
-    if name == "mlp":
-        return nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(784, 256),
-            nn.Tanh(),
-            nn.Linear(256, 256),
-            nn.Tanh(),
-            nn.Linear(256, 10),
-        )
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 6 * 6, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
-
-
-def build_batch(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return one random batch of inputs and labels for model ``name``."""
-    generator = torch.Generator().manual_seed(0)
-    shape = (BATCH_SIZE, 784) if name == "mlp" else (BATCH_SIZE, 3, 32, 32)
-    labels = torch.randint(0, 10, (BATCH_SIZE,), generator=generator)
-    return torch.randn(shape, generator=generator), labels
 
 
 def measurements(name: str) -> dict[str, Callable[[], object]]:
     """Return the timed callables for one model."""
-    torch.manual_seed(0)
-    model = build_model(name).eval()
-    X, y = build_batch(name)
+    model, X, y = build_problem(name)
+    model.eval()
     loss_func = nn.CrossEntropyLoss()
     params = list(model.parameters())
     data = [(X, y)]
