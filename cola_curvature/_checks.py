@@ -50,3 +50,9 @@ def count_examples(
     if num_data < counted:
         raise ValueError(f"num_data={num_data} but data holds {counted} examples.")
     return num_data
+
+
+def check_mc_samples(mc_samples: Any) -> None:
+    """Raise ``ValueError`` unless ``mc_samples`` is a positive integer."""
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")

@@ -7,6 +7,7 @@ from typing import Any
 
 from cola.ops import LinearOperator
 
+from cola_curvature._checks import check_mc_samples
 from cola_curvature.backends import curvature_backend
 from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators._interface import ParameterSpaceInterface
@@ -103,8 +104,7 @@ class DiagonalCurvature(ParameterSpaceInterface, KroneckerFactored):
                 "DiagonalCurvature needs output cotangents; use fisher_type 'type-2', 'mc' "
                 "or 'empirical'."
             )
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        check_mc_samples(mc_samples)
         self._backend = curvature_backend(model, loss_func, params)
         data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar)
         if check_deterministic:

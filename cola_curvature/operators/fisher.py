@@ -6,6 +6,7 @@ from typing import Any
 
 from cola.annotations import PSD
 
+from cola_curvature._checks import check_mc_samples
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators._output_space import outer_product_matmat
 
@@ -41,8 +42,7 @@ class FisherMC(CurvatureOperator):
     annotation = PSD
 
     def __init__(self, *args: Any, mc_samples: int = 1, seed: int = 0, **kwargs: Any) -> None:
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        check_mc_samples(mc_samples)
         self._mc_samples = mc_samples
         self._seed = seed
         super().__init__(*args, **kwargs)

@@ -7,6 +7,7 @@ from typing import Any
 
 from cola.backends import get_library_fns
 
+from cola_curvature._checks import check_mc_samples
 from cola_curvature.backends import CurvatureBackend, curvature_backend
 from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators._interface import ParameterSpaceInterface
@@ -154,8 +155,7 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
         self.kfac_approx = parse_option(KFACApprox, kfac_approx, "kfac_approx")
         if uncovered not in _UNCOVERED_CHOICES:
             raise ValueError(f"uncovered must be one of {_UNCOVERED_CHOICES}, got {uncovered!r}.")
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        check_mc_samples(mc_samples)
         self._backend = curvature_backend(model, loss_func, params)
         data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar)
         if check_deterministic:
