@@ -93,8 +93,11 @@ class CurvatureBackend(Protocol):
     def as_param_format(self, matrix: Array) -> Any:
         """Turn a ``(D, 1)`` matrix back into the parameter format."""
 
-    def check_matrix(self, v: Any) -> None:
-        """Raise when ``v`` is not a ``(D,)`` or ``(D, k)`` array of the right dtype and device."""
+    #: How parameter-shaped input looks to the user (e.g. "a list of tensors shaped like params").
+    param_format: str
+
+    def check_array(self, v: Any) -> None:
+        """Raise unless ``v`` is an array of this backend with the parameters' dtype, device."""
 
     def batch_size(self, inputs: Any) -> int:
         """Return the number of examples in a batch of inputs."""

@@ -27,8 +27,19 @@ class ParameterSpaceInterface:
             return super().__matmul__(X)
         if self._backend.is_param_format(X):
             return self._backend.as_param_format(self._matmat(self._backend.as_param_matrix(X)))
-        self._backend.check_matrix(X)
+        self._check_matrix(X)
         return super().__matmul__(X)
+
+    def _check_matrix(self, v: Any) -> None:
+        """Raise unless ``v`` is a backend array of shape ``(D,)`` or ``(D, k)``."""
+        backend = self._backend
+        backend.check_array(v)
+        if v.ndim not in (1, 2) or v.shape[0] != backend.num_params:
+            raise ValueError(
+                f"params have {backend.num_params} entries but v has shape {tuple(v.shape)}; "
+                f"expected (D,) or (D, k) with D={backend.num_params}, or "
+                f"{backend.param_format}."
+            )
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
         """Return a symmetric SciPy ``LinearOperator`` on NumPy arrays (copied to ``device``)."""

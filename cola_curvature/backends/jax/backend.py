@@ -177,14 +177,17 @@ class JaxBackend:
                 f"and leaf shapes {self._shapes}, got {treedef} with leaf shapes {shapes}."
             )
         for leaf in leaves:
-            self._check_array(leaf)
+            self.check_array(leaf)
         return self.flatten([leaf[None] for leaf in leaves])
 
     def as_param_format(self, matrix: Array) -> PyTree:
         """Turn a ``(D, 1)`` matrix into a pytree shaped like ``params``."""
         return self._treedef.unflatten([c[0] for c in self.unflatten(matrix)])
 
-    def _check_array(self, v: Any) -> None:
+    #: How parameter-shaped input looks to the user, for error messages.
+    param_format = "a pytree shaped like params"
+
+    def check_array(self, v: Any) -> None:
         """Raise unless ``v`` is a JAX array of the parameters' dtype."""
         if not isinstance(v, jax.Array):
             raise TypeError(
@@ -195,16 +198,6 @@ class JaxBackend:
             raise ValueError(
                 f"expected an array with dtype {self.dtype} like the parameters, got dtype "
                 f"{v.dtype}; convert it with v.astype(jnp.{self.dtype})."
-            )
-
-    def check_matrix(self, v: Any) -> None:
-        """Raise unless ``v`` has shape ``(D,)`` or ``(D, k)`` and the parameters' dtype."""
-        self._check_array(v)
-        if v.ndim not in (1, 2) or v.shape[0] != self.num_params:
-            raise ValueError(
-                f"params have {self.num_params} entries but v has shape {tuple(v.shape)}; "
-                f"expected (D,) or (D, k) with D={self.num_params}, or a pytree shaped like "
-                "params."
             )
 
     def batch_size(self, inputs: Any) -> int:

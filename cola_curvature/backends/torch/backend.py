@@ -254,14 +254,17 @@ class TorchBackend:
                 f"{self._shapes}, got {len(tensors)} of shapes {shapes}."
             )
         for t in tensors:
-            self._check_array(t)
+            self.check_array(t)
         return self.flatten([t[None] for t in tensors])
 
     def as_param_format(self, matrix: torch.Tensor) -> list[torch.Tensor]:
         """Turn a ``(D, 1)`` matrix into a list of tensors shaped like ``params``."""
         return [c[0] for c in self.unflatten(matrix)]
 
-    def _check_array(self, v: Any) -> None:
+    #: How parameter-shaped input looks to the user, for error messages.
+    param_format = "a list of tensors shaped like params"
+
+    def check_array(self, v: Any) -> None:
         """Raise unless ``v`` is a tensor of the parameters' dtype and device."""
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor, got {type(v).__name__}.")
@@ -270,16 +273,6 @@ class TorchBackend:
                 f"expected a tensor with dtype {self.dtype} on {self.device} like the "
                 f"parameters, got dtype {v.dtype} on {v.device}; convert it with "
                 f"v.to(dtype={self.dtype}, device='{self.device}')."
-            )
-
-    def check_matrix(self, v: Any) -> None:
-        """Raise unless ``v`` has shape ``(D,)`` or ``(D, k)`` and the parameters' dtype/device."""
-        self._check_array(v)
-        if v.ndim not in (1, 2) or v.shape[0] != self.num_params:
-            raise ValueError(
-                f"params have {self.num_params} entries but v has shape {tuple(v.shape)}; "
-                f"expected (D,) or (D, k) with D={self.num_params}, or a list of tensors "
-                "shaped like params."
             )
 
     def batch_size(self, inputs: Any) -> int:
