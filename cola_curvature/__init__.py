@@ -7,9 +7,21 @@ import dispatch_rules  # noqa: F401  (registers the rules on cola.linalg)
 # isort: on
 from importlib.util import find_spec
 
-from cola_curvature import losses
+from cola_curvature import estimators, losses
+from cola_curvature.algorithms import (
+    CG,
+    MINRES,
+    SLQ,
+    Hutchinson,
+    HutchPlusPlus,
+    LanczosEig,
+    Neumann,
+    XDiag,
+    XTrace,
+)
 from cola_curvature.backends import curvature_backend
 from cola_curvature.laplace import Laplace
+from cola_curvature.matfree._convergence import ConvergenceError, ConvergenceWarning
 from cola_curvature.operators import (
     EKFAC,
     GGN,
@@ -23,6 +35,7 @@ from cola_curvature.operators import (
     Hessian,
     KroneckerBlock,
     KroneckerFactored,
+    ShiftedCurvature,
 )
 from cola_curvature.options import DampingMode, FisherType, KFACApprox, Reduction
 
@@ -38,6 +51,20 @@ __all__ = [
     "FisherMC",
     "GGN",
     "Hessian",
+    "ShiftedCurvature",
+    # algorithms of the matrix-free rules, and how they report failure
+    "CG",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "HutchPlusPlus",
+    "Hutchinson",
+    "LanczosEig",
+    "MINRES",
+    "Neumann",
+    "SLQ",
+    "XDiag",
+    "XTrace",
+    "estimators",
     # Kronecker-factored and diagonal operators and their structure
     "DiagonalBlock",
     "DiagonalCurvature",

@@ -1,6 +1,8 @@
-"""``A + λI`` on Kronecker-factored operators keeps the structure (exact eigen-damping).
+"""``A + λI`` keeps the structure: eigen-damping for Kronecker factors, a shift type otherwise.
 
 KroneckerFactored is itself a ``BlockDiag``; its rules are listed first and win by type.
+Matrix-free curvature operators become :class:`ShiftedCurvature`, which the matrix-free
+rules recognise in either order of the sum.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from typing import Any
 from cola.ops import BlockDiag, Identity, Kronecker, Product, ScalarMul, Sum
 from plum import dispatch
 
+from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators.kronecker import KroneckerFactored, as_kronecker_factored
+from cola_curvature.operators.shifted import ShiftedCurvature
 
 
 def _identity_multiple(op: Any) -> Any:
@@ -56,3 +60,31 @@ def add(A: Kronecker | BlockDiag, B: Identity | ScalarMul | Product[ScalarMul, I
 def add(A: Identity | ScalarMul | Product[ScalarMul, Identity], B: Kronecker | BlockDiag):  # noqa: F811
     """Return ``λ I`` plus a user-built Kronecker / block-diagonal operator."""
     return _damped_or_sum(B, A, A)
+
+
+# A + λI, for A known only through its products
+@dispatch(precedence=1)
+def add(A: CurvatureOperator, B: Identity | ScalarMul | Product[ScalarMul, Identity]):  # noqa: F811
+    """Return ``A + λ I`` as a :class:`ShiftedCurvature`."""
+    return ShiftedCurvature(A, _identity_multiple(B))
+
+
+# λI + A = A + λI
+@dispatch(precedence=1)
+def add(A: Identity | ScalarMul | Product[ScalarMul, Identity], B: CurvatureOperator):  # noqa: F811
+    """Return ``λ I + A`` as a :class:`ShiftedCurvature`."""
+    return ShiftedCurvature(B, _identity_multiple(A))
+
+
+# (A + λI) + μI = A + (λ + μ)I
+@dispatch(precedence=1)
+def add(A: ShiftedCurvature, B: Identity | ScalarMul | Product[ScalarMul, Identity]):  # noqa: F811
+    """Return ``(A + λ I) + μ I`` as one :class:`ShiftedCurvature`."""
+    return A.shifted(_identity_multiple(B))
+
+
+# μI + (A + λI) = A + (λ + μ)I
+@dispatch(precedence=1)
+def add(A: Identity | ScalarMul | Product[ScalarMul, Identity], B: ShiftedCurvature):  # noqa: F811
+    """Return ``μ I + (A + λ I)`` as one :class:`ShiftedCurvature`."""
+    return B.shifted(_identity_multiple(A))

@@ -1,19 +1,50 @@
-"""Exact diagonals of Kronecker-factored operators."""
+"""Diagonals: exact for Kronecker factors, randomized estimators for matrix-free operators."""
 
 from __future__ import annotations
 
-from cola.linalg import Algorithm
+from cola.linalg import Algorithm, Auto
 from plum import dispatch
 
+from cola_curvature.algorithms import Hutchinson, XTrace
+from cola_curvature.estimators import hutchinson_diagonal, xdiag
+from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.shifted import ShiftedCurvature
+
+_ESTIMATORS = {Hutchinson: hutchinson_diagonal, XTrace: xdiag}
+
+
+def _main_diagonal_only(A: object, k: int) -> None:
+    """Raise ``NotImplementedError`` for off-diagonals (``k != 0``)."""
+    if k != 0:
+        raise NotImplementedError(
+            f"diag(k={k}) of a {type(A).__name__} is not implemented; only k=0 is."
+        )
 
 
 # diag(P ⊕_l B_l Pᵀ) = P (⊕_l diag B_l),  diag(G⊗A) = diag G ⊗ diag A
 @dispatch(precedence=1)
 def diag(A: KroneckerFactored, k: int, alg: Algorithm):
     """Return the main diagonal exactly (``k`` must be 0)."""
-    if k != 0:
-        raise NotImplementedError(
-            f"diag(k={k}) of a {type(A).__name__} is not implemented; only k=0 is."
-        )
+    _main_diagonal_only(A, k)
     return A.diagonal()
+
+
+# diag A ≈ randomized estimate from products A Ω with many columns
+@dispatch(precedence=1)
+def diag(A: CurvatureOperator, k: int, alg: Auto | Hutchinson | XTrace):  # noqa: F811
+    """Return a randomized estimate of ``diag A``; ``Auto`` means ``XDiag()`` (60 products).
+
+    ``cola.linalg.Exact()`` still gives the exact diagonal from ``D`` unit vectors; for a
+    cheap exact diagonal of the GGN/Fisher use ``cc.DiagonalCurvature``.
+    """
+    _main_diagonal_only(A, k)
+    estimator = XTrace() if isinstance(alg, Auto) else alg
+    return _ESTIMATORS[type(estimator)](A, estimator)
+
+
+# diag(A + λI) = diag A + λ
+@dispatch(precedence=1)
+def diag(A: ShiftedCurvature, k: int, alg: Auto | Hutchinson | XTrace):  # noqa: F811
+    """Return the estimate of ``diag A`` plus the exact ``λ``."""
+    return diag(A.base, k, alg) + A.shift

@@ -1,14 +1,15 @@
-"""Exact eigen-decompositions of Kronecker-factored operators."""
+"""Eigen-decompositions: exact for Kronecker factors, Lanczos for matrix-free operators."""
 
 from __future__ import annotations
 
-from cola.linalg import Algorithm
+from cola.linalg import Algorithm, Auto
 from cola.ops import Dense
 from plum import dispatch
 
+from cola_curvature.algorithms import LanczosEig
+from cola_curvature.matfree.krylov import check_which, lanczos_eigenpairs, select
 from cola_curvature.operators.kronecker import KroneckerFactored
-
-_ORDERS = ("LM", "SM", "LA", "SA")
+from cola_curvature.operators.shifted import MatrixFreeCurvature
 
 
 # eig(P ⊕_l (Q_G⊗Q_A) S_l (Q_G⊗Q_A)ᵀ Pᵀ): values S_l,ij, vectors P (q_G,i ⊗ q_A,j)
@@ -19,13 +20,30 @@ def eig(A: KroneckerFactored, k: int, which: str, alg: Algorithm):
     ``which``: ``"LM"``/``"SM"`` (largest/smallest magnitude), ``"LA"``/``"SA"`` (largest/
     smallest algebraic). Eigenvectors come back as a ``Dense`` ``(D, k)`` operator.
     """
-    if which not in _ORDERS:
-        raise ValueError(f"which must be one of {_ORDERS}, got {which!r}.")
-    if not 0 < k <= A.shape[0]:
-        raise ValueError(f"k must be in 1..{A.shape[0]}, got {k}.")
-    xnp = A.xnp
+    check_which(A, k, which)
     eigenvalues = A.eigenvalues()
-    key = xnp.abs(eigenvalues) if which in ("LM", "SM") else eigenvalues
-    order = xnp.argsort(-key if which in ("LM", "LA") else key)
-    selected = [int(i) for i in order[:k]]
-    return eigenvalues[order[:k]], Dense(A.eigenvectors(selected))
+    selected = select(eigenvalues, k, which, A.xnp)
+    return eigenvalues[selected], Dense(A.eigenvectors(selected))
+
+
+# extreme eigenpairs of a symmetric operator known by its products: Lanczos, fully reorthogonalised
+@dispatch(precedence=1)
+def eig(A: MatrixFreeCurvature, k: int, which: str, alg: Auto | LanczosEig):  # noqa: F811
+    """Return ``k`` eigenvalues ordered by ``which`` and their eigenvectors (``Dense (D, k)``).
+
+    Lanczos with full reorthogonalisation and restarts on breakdown
+    (:func:`~cola_curvature.matfree.krylov.lanczos_eigenpairs`); ``Auto`` means
+    ``LanczosEig()``. Extreme eigenvalues (``"LA"``, ``"SA"``, and ``"LM"``) converge
+    first; ``"SM"`` of an indefinite operator is interior and may need ``max_iters ≈ D``.
+    """
+    lanczos = LanczosEig() if isinstance(alg, Auto) else alg
+    values, vectors = lanczos_eigenpairs(
+        A,
+        k,
+        which,
+        tol=lanczos.tol,
+        max_iters=lanczos.max_iters,
+        seed=lanczos.seed,
+        on_failure=lanczos.on_failure,
+    )
+    return values, Dense(vectors)

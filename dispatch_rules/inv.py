@@ -1,11 +1,15 @@
-"""Exact inverses of Kronecker-factored operators from their eigen-decompositions."""
+"""Inverses: exact from Kronecker eigen-decompositions, iterative for matrix-free operators."""
 
 from __future__ import annotations
 
-from cola.linalg import Algorithm
+from cola.annotations import PSD
+from cola.linalg import CG as ColaCG
+from cola.linalg import Algorithm, Auto
 from plum import dispatch
 
+from cola_curvature.algorithms import CG, MINRES, Neumann
 from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.shifted import CurvatureInverse, MatrixFreeCurvature
 
 
 # (P ⊕_l (Q_G⊗Q_A) S_l (Q_G⊗Q_A)ᵀ Pᵀ)⁻¹ = P ⊕_l (Q_G⊗Q_A) S_l⁻¹ (Q_G⊗Q_A)ᵀ Pᵀ
@@ -37,3 +41,30 @@ def pinv(A: KroneckerFactored, alg: Algorithm):
         return xnp.where(keep, 1 / xnp.where(keep, s, 1 + 0 * s), 0 * s)
 
     return A.map_spectrum(pseudo_reciprocal)
+
+
+# A⁻¹ B by CG (PSD A) or MINRES (symmetric indefinite A), one product per iteration
+@dispatch(precedence=1)
+def inv(A: MatrixFreeCurvature, alg: Auto):  # noqa: F811
+    """Return ``A⁻¹`` as an operator solving by CG when ``A`` is ``PSD``, else MINRES.
+
+    Defaults: ``tol=1e-10`` (relative residual), ``max_iters=1000``, a
+    :class:`~cola_curvature.ConvergenceWarning` when a column stops short. Choose other
+    knobs with ``alg=cc.CG(...)``, ``cc.MINRES(...)`` or ``cc.Neumann(...)``.
+    """
+    return CurvatureInverse(A, CG() if A.isa(PSD) else MINRES())
+
+
+@dispatch(precedence=1)
+def inv(A: MatrixFreeCurvature, alg: CG | MINRES | Neumann):  # noqa: F811
+    """Return ``A⁻¹`` as an operator whose ``@`` runs ``alg`` on all columns together."""
+    return CurvatureInverse(A, alg)
+
+
+@dispatch(precedence=1)
+def inv(A: MatrixFreeCurvature, alg: ColaCG):  # noqa: F811
+    """Return ``A⁻¹`` solving by our batched CG with CoLA's ``CG(tol, max_iters)`` knobs.
+
+    CoLA's own CG stops at ``‖r‖ ≤ tol (‖r₀‖ + 1)`` and does not report failure.
+    """
+    return CurvatureInverse(A, CG(tol=alg.tol, max_iters=alg.max_iters))

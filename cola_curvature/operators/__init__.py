@@ -9,6 +9,7 @@ from cola_curvature.operators.ggn import GGN
 from cola_curvature.operators.hessian import Hessian
 from cola_curvature.operators.kfac import KFAC
 from cola_curvature.operators.kronecker import EigenKronecker, KroneckerBlock, KroneckerFactored
+from cola_curvature.operators.shifted import ShiftedCurvature
 
 __all__ = [
     "CurvatureOperator",
@@ -23,4 +24,5 @@ __all__ = [
     "KFAC",
     "KroneckerBlock",
     "KroneckerFactored",
+    "ShiftedCurvature",
 ]

@@ -1,0 +1,62 @@
+"""``A + λI`` for a matrix-free curvature operator, as its own type so the rules recognise it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cola.annotations import PSD, SelfAdjoint
+from cola.ops import LinearOperator
+
+from cola_curvature.matfree.solvers import IterativeInverse
+from cola_curvature.operators._base import CurvatureOperator
+from cola_curvature.operators._interface import ParameterSpaceInterface
+
+Array = Any
+
+
+class ShiftedCurvature(ParameterSpaceInterface, LinearOperator):
+    """The damped curvature ``A + λ I``; built by ``A + λ * cola.ops.I_like(A)`` (either order).
+
+    CoLA would build a ``Sum`` whose dispatch is order-sensitive; this type lets the
+    matrix-free rules treat the damped operator as one symmetric operator (CG, MINRES,
+    Lanczos and SLQ run on it directly) and shift exact parts (``tr(A + λI) = tr A + λD``,
+    ``diag(A + λI) = diag A + λ``) without estimating them. ``PSD`` when ``A`` is PSD and
+    ``λ ≥ 0``; otherwise ``SelfAdjoint``.
+
+    Args:
+        base: The matrix-free curvature operator ``A``.
+        shift: ``λ`` (a float or a scalar array).
+
+    """
+
+    def __init__(self, base: CurvatureOperator, shift: Array) -> None:
+        self.base = base
+        self.shift = shift
+        self._backend = base._backend
+        positive = base.isa(PSD) and float(shift) >= 0
+        super().__init__(base.dtype, base.shape, annotations={PSD if positive else SelfAdjoint})
+
+    def _matmat(self, X: Array) -> Array:
+        return self.base._matmat(X) + self.shift * X
+
+    def shifted(self, shift: Array) -> ShiftedCurvature:
+        """Return ``A + (λ + shift) I``."""
+        return ShiftedCurvature(self.base, self.shift + shift)
+
+    def __str__(self) -> str:
+        return f"({self.base} + {float(self.shift):g} I)"
+
+
+#: The operators the matrix-free rules apply to.
+MatrixFreeCurvature = CurvatureOperator | ShiftedCurvature
+
+
+class CurvatureInverse(ParameterSpaceInterface, IterativeInverse):
+    """:class:`~cola_curvature.matfree.solvers.IterativeInverse` of a curvature operator.
+
+    Accepts the same input formats as the operator (``(D,)``, ``(D, k)``, parameter-shaped).
+    """
+
+    def __init__(self, A: MatrixFreeCurvature, alg: Any) -> None:
+        self._backend = A._backend
+        super().__init__(A, alg)
