@@ -7,7 +7,7 @@ import dispatch_rules  # noqa: F401  (registers the rules on cola.linalg)
 # isort: on
 from importlib.util import find_spec
 
-from cola_curvature import estimators, losses
+from cola_curvature import estimators, losses, plotting
 from cola_curvature.algorithms import (
     CG,
     MINRES,
@@ -65,6 +65,7 @@ __all__ = [
     "XDiag",
     "XTrace",
     "estimators",
+    "plotting",
     # Kronecker-factored and diagonal operators and their structure
     "DiagonalBlock",
     "DiagonalCurvature",

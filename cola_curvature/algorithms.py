@@ -167,7 +167,8 @@ class XTrace(Algorithm):
 
     ``k = m/2`` test vectors ``ω_i`` sketch ``Q = orth(A Ω)``; each ``ω_i`` in turn is
     left out of the sketch and used as the Hutchinson probe of the complement, and the
-    ``k`` estimates are averaged. Unbiased; exact when ``rank A < m/2``. Needs ``m ≥ 4``.
+    ``k`` estimates are averaged. Unbiased; exact when ``rank A < m/2`` or ``m/2 ≥ D``
+    (then ``Q`` spans everything). Needs ``m ≥ 4``.
     """
 
     num_matvecs: int = 60

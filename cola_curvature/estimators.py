@@ -64,7 +64,7 @@ def frobenius_norm_squared(A: LinearOperator, alg: Hutchinson | None = None) -> 
 
 def _orthonormal_range(Y: Array, xnp: Any) -> tuple[Array, Array]:
     """Return the thin QR factors ``(Q, R)`` of ``Y``."""
-    return xnp.qr(Y)
+    return xnp.qr(Y, full_matrices=False)
 
 
 def hutchpp_trace(A: LinearOperator, alg: HutchPlusPlus | None = None) -> Array:
@@ -132,6 +132,8 @@ def xtrace(A: LinearOperator, alg: XTrace | None = None) -> Array:
     sketch = _exchangeable_sketch(A, alg or XTrace())
     Q, R, S = sketch.Q, sketch.R, sketch.S
     H = Q.T @ sketch.Z
+    if Q.shape[1] == A.shape[0]:  # the sketch spans R^D: tr A = tr(QᵀAQ) exactly
+        return xnp.sum(xnp.diag(H), axis=0)
     C = Q.T @ sketch.omega
     D = C - S * xnp.sum(S * C, axis=0, keepdims=True)
     estimates = (
@@ -157,6 +159,8 @@ def xdiag(A: LinearOperator, alg: XTrace | None = None) -> Array:
     sketch = _exchangeable_sketch(A, alg or XTrace())
     Q, R, S = sketch.Q, sketch.R, sketch.S
     num_vectors = S.shape[1]
+    if num_vectors == A.shape[0]:  # the sketch spans R^D: diag A = diag(QQᵀA) exactly
+        return xnp.sum(Q * sketch.Z, axis=1)
     deflated = R - S * xnp.sum(S * R, axis=0, keepdims=True)
     complement = sketch.Y - Q @ deflated
     return (

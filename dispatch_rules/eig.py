@@ -23,7 +23,7 @@ def eig(A: KroneckerFactored, k: int, which: str, alg: Algorithm):
     check_which(A, k, which)
     eigenvalues = A.eigenvalues()
     selected = select(eigenvalues, k, which, A.xnp)
-    return eigenvalues[selected], Dense(A.eigenvectors(selected))
+    return eigenvalues[selected], Dense(A.eigenvectors([int(i) for i in selected]))
 
 
 # extreme eigenpairs of a symmetric operator known by its products: Lanczos, fully reorthogonalised

@@ -2,6 +2,7 @@
 
 import itertools
 
+import cola
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from jax.flatten_util import ravel_pytree
 
 import cola_curvature as cc
+from cola_curvature.matfree._random import rademacher
 from tests import jax_reference
 from tests import reference as torch_reference
 from tests._tols import EXACT_RTOL, MC_RTOL
@@ -186,3 +188,35 @@ def test_products_run_under_jit_and_vmap_and_take_dict_inputs():
         batch_size_fn=lambda inputs: inputs["x"].shape[0],
     )
     assert relative_error(dict_ggn @ V, expected) < EXACT_RTOL
+
+
+def test_matrix_free_rules_run_on_jax_operators():
+    problem = build_jax_problem(Case("mlp", "mse", "sum", "uneven"))
+    ggn, hessian = cc.GGN(*problem.args), cc.Hessian(*problem.args)
+    dense_ggn = jax_reference.dense_ggn(
+        problem.model_fn, "mse", "sum", problem.params, problem.data
+    )
+    dense_hessian = jax_reference.dense_hessian(
+        problem.model_fn, "mse", "sum", problem.params, problem.data
+    )
+    eye = jnp.eye(ggn.shape[0])
+    b = jax.random.normal(jax.random.key(0), (ggn.shape[0], 2))
+    damped = ggn + 0.5 * cola.ops.I_like(ggn)
+    assert isinstance(damped, cc.ShiftedCurvature)
+    expected = jnp.linalg.solve(dense_ggn + 0.5 * eye, b)
+    assert relative_error(cola.linalg.inv(damped) @ b, expected) < 1e-8
+    expected = jnp.linalg.solve(dense_hessian + 0.05 * eye, b)
+    minres = cola.linalg.inv(hessian + 0.05 * cola.ops.I_like(hessian))
+    assert isinstance(minres.alg, cc.MINRES)
+    assert relative_error(minres @ b, expected) < 1e-8
+    values, _ = cola.linalg.eig(hessian, 3, "SA")
+    assert jnp.abs(values - jnp.linalg.eigvalsh(dense_hessian)[:3]).max() < 1e-8
+    D = ggn.shape[0]
+    exact_trace = cola.linalg.trace(ggn, cc.XTrace(num_matvecs=2 * D))
+    assert abs(exact_trace - jnp.trace(dense_ggn)) < 1e-9 * D
+    # with D steps the quadrature is exact: Hutchinson on log(G + λI) with the same probes
+    sign, log_abs = cola.linalg.slogdet(damped, cc.SLQ(num_probes=3, num_steps=D, seed=1))
+    eigenvalues, U = jnp.linalg.eigh(dense_ggn + 0.5 * eye)
+    Z = rademacher(damped, 3, 1)
+    expected = jnp.einsum("ij,ik,kj->", Z, (U * jnp.log(eigenvalues)) @ U.T, Z) / 3
+    assert sign == 1 and abs(log_abs - expected) < 1e-8 * abs(expected)

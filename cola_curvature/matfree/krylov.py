@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from cola.ops import LinearOperator
 
 from cola_curvature.matfree._convergence import report_failure
@@ -80,13 +81,19 @@ def lanczos_tridiagonals(A: LinearOperator, start: Array, num_steps: int) -> tup
     return alpha, beta
 
 
-def tridiagonal_eigh(alpha: Array, beta: Array, xnp: Any) -> tuple[Array, Array]:
-    """Return eigenvalues ``(p, s)`` and eigenvectors ``(p, s, s)`` of each column's ``T``."""
-    matrices = [
-        xnp.diag(alpha[:, c]) + xnp.diag(beta[:, c], 1) + xnp.diag(beta[:, c], -1)
-        for c in range(alpha.shape[1])
-    ]
-    return xnp.eigh(xnp.stack(matrices, axis=0))
+def tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return eigenvalues ``(p, s)`` and eigenvectors ``(p, s, s)`` of each column's ``T``.
+
+    In NumPy: the tridiagonals are tiny, and a framework would compile its ``eigh`` anew
+    for every size ``s`` met along the iteration.
+    """
+    steps = alpha.shape[0]
+    matrices = np.zeros((alpha.shape[1], steps, steps))
+    diagonal = np.arange(steps)
+    matrices[:, diagonal, diagonal] = alpha.T
+    matrices[:, diagonal[:-1], diagonal[1:]] = beta.T
+    matrices[:, diagonal[1:], diagonal[:-1]] = beta.T
+    return np.linalg.eigh(matrices)
 
 
 def gauss_quadrature(A: LinearOperator, start: Array, num_steps: int) -> tuple[Array, Array]:
@@ -94,19 +101,29 @@ def gauss_quadrature(A: LinearOperator, start: Array, num_steps: int) -> tuple[A
 
     For a unit vector ``q``, ``qᵀ f(A) q ≈ Σ_i τ_i² f(θ_i)``, exact for polynomials of
     degree ``< 2s``; ``τ_i`` is the first entry of the ``i``-th eigenvector of ``T_s``.
+    Returned as arrays of ``A``'s backend.
     """
     xnp = A.xnp
     steps = min(num_steps, A.shape[0])
     alpha, beta = lanczos_tridiagonals(A, start, steps)
-    nodes, vectors = tridiagonal_eigh(alpha, beta, xnp)
-    return nodes, vectors[:, 0, :] ** 2
+    nodes, vectors = tridiagonal_eigh(_numpy(alpha, xnp), _numpy(beta, xnp))
+    weights = vectors[:, 0, :] ** 2
+    return (
+        xnp.array(nodes, dtype=A.dtype, device=A.device),
+        xnp.array(weights, dtype=A.dtype, device=A.device),
+    )
 
 
-def select(values: Array, k: int, which: str, xnp: Any) -> list[int]:
-    """Return the indices of the ``k`` entries of ``values`` that ``which`` orders first."""
+def _numpy(array: Array, xnp: Any) -> np.ndarray:
+    """Return ``array`` as a float64 NumPy array."""
+    return np.asarray(xnp.to_np(array), dtype=np.float64)
+
+
+def select(values: Array, k: int, which: str, xnp: Any) -> Array:
+    """Return the indices (an integer array) of the ``k`` entries ``which`` orders first."""
     key = xnp.abs(values) if which in ("LM", "SM") else values
     order = xnp.argsort(-key if which in ("LM", "LA") else key)
-    return [int(i) for i in order[:k]]
+    return order[:k]
 
 
 def check_which(A: LinearOperator, k: int, which: str) -> None:
@@ -138,10 +155,15 @@ def lanczos_eigenpairs(
 
     Ritz pairs ``(θ_i, Q s_i)`` of ``T_j`` have residual ``‖A Q s_i − θ_i Q s_i‖ =
     β_j |s_{j,i}|``; iteration stops once the ``k`` wanted ones are below
-    ``tol · max|θ|``, or after ``min(max_iters, D)`` steps, which warns or raises (per
-    ``on_failure``) with the residual reached. After ``D`` steps the basis is complete
-    and the pairs are exact to rounding. Fewer than ``k`` pairs come back only when
-    ``k > D``, which :func:`check_which` refuses.
+    ``tol · max|θ|`` (after at least ``2k + 10`` steps, so that a few unwanted Ritz values
+    separate the wanted ones from the rest), or after ``min(max_iters, D)`` steps, which
+    warns or raises (per ``on_failure``) with the residual reached. After ``D`` steps the
+    basis is complete and the pairs are exact to rounding.
+
+    Like every single-vector Krylov method, Lanczos sees an eigenvalue of multiplicity
+    ``> 1`` once until the Krylov space is exhausted (a breakdown, after which the
+    restart finds the further copies): converged pairs are eigenpairs, but a repeated
+    extreme eigenvalue can be under-counted before ``D`` steps.
     """
     check_which(A, k, which)
     xnp = A.xnp
@@ -156,27 +178,29 @@ def lanczos_eigenpairs(
 
     q = _restart_vector(A, [], draw)
     basis: list[Array] = []
-    alphas: list[Array] = []
-    betas: list[Array] = []
+    alphas: list[float] = []
+    betas: list[float] = []
     steps = min(max_iters, dimension)
+    min_steps = min(steps, 2 * k + 10)
     for step in range(steps):
         basis.append(q)
         product = A @ q
-        alphas.append(xnp.sum(q * product, axis=0))
+        alphas.append(float(xnp.sum(q * product, axis=0)[0]))
         w = orthogonalize(product, basis, xnp)
-        beta = xnp.norm(w, axis=0)
-        broken = bool(beta[0] <= threshold * xnp.norm(product, axis=0)[0])
-        residual_scale = 0 * beta if broken or step == dimension - 1 else beta
-        values, vectors = _ritz(alphas, betas, xnp)
-        wanted = select(values, min(k, step + 1), which, xnp)
-        residuals = xnp.abs(residual_scale * vectors[-1, wanted])
-        scale = float(xnp.abs(values).max())
-        converged = len(wanted) == k and float(residuals.max()) <= tol * scale
+        beta = float(xnp.norm(w, axis=0)[0])
+        broken = beta <= threshold * float(xnp.norm(product, axis=0)[0])
+        residual_scale = 0.0 if broken or step == dimension - 1 else beta
+        values, vectors = tridiagonal_eigh(np.array([alphas]).T, np.array([betas]).T)
+        values, vectors = values[0], vectors[0]
+        wanted = select(values, min(k, step + 1), which, np)
+        residuals = np.abs(residual_scale * vectors[-1, wanted])
+        scale = float(np.abs(values).max())
+        converged = step + 1 >= min_steps and float(residuals.max()) <= tol * scale
         if converged or step == steps - 1:
             break
         if broken:
             q = _restart_vector(A, basis, draw)
-            betas.append(0 * beta)
+            betas.append(0.0)
         else:
             q = w / beta
             betas.append(beta)
@@ -188,18 +212,9 @@ def lanczos_eigenpairs(
             f"(the operator has D={dimension}).",
             on_failure,
         )
-    ritz_vectors = xnp.concat(basis, axis=1) @ vectors[:, wanted]
-    return values[wanted], ritz_vectors
-
-
-def _ritz(alphas: list[Array], betas: list[Array], xnp: Any) -> tuple[Array, Array]:
-    """Return the eigen-decomposition of the tridiagonal with diagonal ``alphas``."""
-    alpha = xnp.concat(alphas, axis=0)
-    matrix = xnp.diag(alpha)
-    if betas:
-        beta = xnp.concat(betas, axis=0)
-        matrix = matrix + xnp.diag(beta, 1) + xnp.diag(beta, -1)
-    return xnp.eigh(matrix)
+    coefficients = xnp.array(vectors[:, wanted], dtype=A.dtype, device=A.device)
+    ritz_vectors = xnp.concat(basis, axis=1) @ coefficients
+    return xnp.array(values[wanted], dtype=A.dtype, device=A.device), ritz_vectors
 
 
 __all__ = [
