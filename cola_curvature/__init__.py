@@ -36,8 +36,15 @@ from cola_curvature.operators import (
     KroneckerBlock,
     KroneckerFactored,
     ShiftedCurvature,
+    SymmetryCurvature,
 )
-from cola_curvature.options import DampingMode, FisherType, KFACApprox, Reduction
+from cola_curvature.operators.symmetry_blocks import (
+    PermutationAveragedBlock,
+    shampoo_block,
+    symmetry_block,
+)
+from cola_curvature.options import DampingMode, FisherType, KFACApprox, Reduction, SymmetryGroup
+from cola_curvature.preconditioning import preconditioned_step
 
 if find_spec("torch") is not None:  # torch is an optional extra
     import cola_curvature.backends.torch  # noqa: F401  (registers the torch backend)
@@ -74,6 +81,13 @@ __all__ = [
     "EigenKronecker",
     "KroneckerBlock",
     "KroneckerFactored",
+    # symmetry-averaged curvature
+    "PermutationAveragedBlock",
+    "SymmetryCurvature",
+    "SymmetryGroup",
+    "preconditioned_step",
+    "shampoo_block",
+    "symmetry_block",
     # laplace
     "Laplace",
     # options

@@ -61,6 +61,22 @@ class DampingMode(str, Enum):
     HEURISTIC = "heuristic"
 
 
+class SymmetryGroup(str, Enum):
+    """A weight-space symmetry group acting on an ``m × n`` weight matrix ``W``.
+
+    Attributes:
+        ORTHOGONAL_ROWS: ``W → QW``, ``Q ∈ O(m)``.
+        ORTHOGONAL_COLS: ``W → WQ``, ``Q ∈ O(n)``.
+        ORTHOGONAL_BOTH: ``W → Q₁ W Q₂``.
+        PERMUTATION_ROWS: ``W → ΠW``, ``Π ∈ S_m`` (permuting hidden units).
+    """
+
+    ORTHOGONAL_ROWS = "orthogonal-rows"
+    ORTHOGONAL_COLS = "orthogonal-cols"
+    ORTHOGONAL_BOTH = "orthogonal-both"
+    PERMUTATION_ROWS = "permutation-rows"
+
+
 def parse_option(enum: type[Enum], value: Any, what: str) -> Any:
     """Return the member of ``enum`` for ``value`` (a member or its string).
 

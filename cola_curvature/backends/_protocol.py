@@ -40,6 +40,9 @@ class CurvatureBackend(Protocol):
     ) -> ParamColumns:
         """Return ``Jᵀ M J V`` with ``M`` given by ``output_matmat``, one forward pass shared."""
 
+    def gradient(self, batch: Batch, risk: BatchRisk) -> ParamColumns:
+        """Return ``∇_θ risk(f_θ(x), y)`` on one batch, one array shaped like each parameter."""
+
     def hessian_matmat(self, columns: ParamColumns, batch: Batch, risk: BatchRisk) -> ParamColumns:
         """Return ``∇²_θ risk · V`` (``risk`` a stable callable, as ``output_matmat``)."""
 

@@ -10,6 +10,7 @@ from cola_curvature.operators.hessian import Hessian
 from cola_curvature.operators.kfac import KFAC
 from cola_curvature.operators.kronecker import EigenKronecker, KroneckerBlock, KroneckerFactored
 from cola_curvature.operators.shifted import ShiftedCurvature
+from cola_curvature.operators.symmetry import SymmetryCurvature
 
 __all__ = [
     "CurvatureOperator",
@@ -25,4 +26,5 @@ __all__ = [
     "KroneckerBlock",
     "KroneckerFactored",
     "ShiftedCurvature",
+    "SymmetryCurvature",
 ]

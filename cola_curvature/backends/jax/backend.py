@@ -94,6 +94,7 @@ class JaxBackend:
             partial(products.gauss_newton_matmat, model), static_argnames="output_matmat"
         )
         self._hessian = jax.jit(partial(products.hessian_matmat, model), static_argnames="risk")
+        self._gradient = jax.jit(partial(products.gradient, model), static_argnames="risk")
 
     def forward(self, inputs: Any) -> Array:
         """Return the model output ``f(x)``."""
@@ -118,6 +119,11 @@ class JaxBackend:
             output_matmat=output_matmat,
         )
         return self._treedef.flatten_up_to(result)
+
+    def gradient(self, batch: tuple[Any, Any], risk: Callable) -> list[Array]:
+        """Return ``∇_θ risk`` on one batch, compiled once per batch shape and ``risk``."""
+        inputs, targets = batch
+        return self._treedef.flatten_up_to(self._gradient(self._params, inputs, targets, risk=risk))
 
     def hessian_matmat(
         self, columns: list[Array], batch: tuple[Any, Any], risk: Callable

@@ -45,6 +45,13 @@ def gauss_newton_matmat(
     return jax.vmap(lambda u: vjp(u)[0])(output_columns)
 
 
+def gradient(
+    model_fn: ModelFn, params: PyTree, inputs: Any, targets: Array, risk: Callable
+) -> PyTree:
+    """Return ``∇_θ risk(f_θ(x), y)`` by ``jax.grad``."""
+    return jax.grad(lambda p: risk(model_fn(p, inputs), targets))(params)
+
+
 def hessian_matmat(
     model_fn: ModelFn,
     params: PyTree,

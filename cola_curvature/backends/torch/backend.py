@@ -155,6 +155,11 @@ class TorchBackend:
             lambda f, y, jv: output_matmat(f, y, jv, rng),
         )
 
+    def gradient(self, batch: tuple[Any, Any], risk: Callable) -> list[torch.Tensor]:
+        """Return ``∇_θ risk`` on one batch (see :func:`products.gradient`)."""
+        inputs, targets = batch
+        return products.gradient(self._model_fn(), self._params, inputs, targets, risk)
+
     def hessian_matmat(
         self, columns: list[torch.Tensor], batch: tuple[Any, Any], risk: Callable
     ) -> list[torch.Tensor]:

@@ -430,6 +430,21 @@ def _hessian_matmat_forward_over_reverse(
     return [torch.stack([column[j] for column in products]) for j in range(len(params))]
 
 
+def gradient(
+    model_fn: ModelFn,
+    params: Sequence[torch.Tensor],
+    inputs: object,
+    targets: torch.Tensor,
+    risk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Return ``∇_θ risk(f_θ(x), y)``: one forward and one backward pass."""
+    leaves = _leaves(params)
+    value = risk(model_fn(leaves, inputs), targets)
+    if not value.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    return list(torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True))
+
+
 def hessian_matmat(
     model_fn: ModelFn,
     params: Sequence[torch.Tensor],

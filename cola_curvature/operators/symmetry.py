@@ -1,0 +1,213 @@
+"""Symmetry-averaged curvature: gradient outer products averaged over weight-space symmetries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from cola.backends import get_library_fns
+
+from cola_curvature.backends import curvature_backend
+from cola_curvature.operators._data import CurvatureData
+from cola_curvature.operators._interface import ParameterSpaceInterface
+from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.symmetry_blocks import averaged_block, gradient_statistics
+from cola_curvature.options import SymmetryGroup, parse_option
+
+Array = Any
+#: A block of the partition: the positions in ``params`` it covers and its group.
+Part = tuple[tuple[int, ...], SymmetryGroup]
+
+
+def matrix_view(gradients: Sequence[Array]) -> Array:
+    """Return ``[P_1 | P_2 | …]``: each parameter as ``(shape[0], rest)``, side by side.
+
+    A weight ``(m, n)`` is itself, a convolution kernel ``(m, c, h, w)`` is ``(m, c h w)``,
+    a bias ``(m,)`` is a column ``(m, 1)``, a scalar is ``(1, 1)``. Listing a layer's weight
+    and bias together makes a hidden unit's row ``[w_i | b_i]``, on which the row groups
+    act jointly, as permuting hidden units does.
+    """
+    xnp = get_library_fns(gradients[0].dtype)
+    views = [g.reshape(g.shape[0] if g.ndim else 1, -1) for g in gradients]
+    return xnp.concat(views, axis=1)
+
+
+def _partition(names: Sequence[str], groups: Any) -> list[Part]:
+    """Return the blocks: every parameter alone for a string, the mapping's keys otherwise."""
+    if isinstance(groups, (str, SymmetryGroup)):
+        group = parse_option(SymmetryGroup, groups, "symmetry group")
+        return [((i,), group) for i in range(len(names))]
+    if not isinstance(groups, Mapping):
+        raise TypeError(
+            "groups must be a group name such as 'orthogonal-rows', or a dict from a parameter "
+            f"name (or a tuple of names, e.g. a weight and its bias) to a group; got "
+            f"{type(groups).__name__}."
+        )
+    index = {name: i for i, name in enumerate(names)}
+    parts, seen = [], []
+    for key, value in groups.items():
+        members = (key,) if isinstance(key, str) else tuple(key)
+        unknown = [m for m in members if m not in index]
+        if unknown:
+            raise ValueError(f"groups names {unknown}, which are not in params {list(names)}.")
+        parts.append(
+            (tuple(index[m] for m in members), parse_option(SymmetryGroup, value, "symmetry group"))
+        )
+        seen += [index[m] for m in members]
+    repeated = sorted({names[i] for i in seen if seen.count(i) > 1})
+    missing = [names[i] for i in range(len(names)) if i not in seen]
+    if repeated or missing:
+        raise ValueError(
+            f"groups must name every parameter exactly once; repeated: {repeated}, "
+            f"missing: {missing}."
+        )
+    return parts
+
+
+class SymmetryCurvature(ParameterSpaceInterface, KroneckerFactored):
+    r"""``C = P · ⊕_b E_h[ρ_b(h) g_b g_bᵀ ρ_b(h)ᵀ] · Pᵀ``: gradient outer products averaged over symmetries.
+
+    Each block ``b`` is one parameter, or several listed together (a layer's weight and
+    bias), seen as an ``m × n`` matrix (:func:`matrix_view`) with gradient ``G_b``; its
+    group's average of ``vec(G_b) vec(G_b)ᵀ`` has the closed form derived in
+    :mod:`cola_curvature.operators.symmetry_blocks`: ``I ⊗ GᵀG/m`` (orthogonal rows),
+    ``GGᵀ/n ⊗ I`` (orthogonal columns), ``‖G‖²/(mn) I`` (both), ``I ⊗ A + 11ᵀ ⊗ B``
+    (permuted rows). Every rule of :class:`~cola_curvature.KroneckerFactored` applies:
+    ``inv``, ``logdet``, ``eig``, ``sqrt``/``isqrt``, ``trace``, ``diag`` and damping are
+    exact and never dense.
+
+    The gradient: with ``ema=None``, the gradient ``g = ∇_θ L`` of the empirical risk over
+    all of ``data`` (one outer product). With ``ema=β``, each batch's own gradient
+    ``g_t`` (its loss reduced as if it were the whole data set) enters an exponential
+    moving average of the statistics, ``M_t = β M_{t−1} + (1 − β) stat(g_t)``, debiased by
+    ``1 − β^T`` after ``T`` batches — averages are linear in ``g gᵀ``, so this is the
+    group average of the moving average of ``g_t g_tᵀ``.
+
+    Cost: one gradient per batch, then per block ``O(m n² + n³)`` (rows, permutation)
+    or ``O(m² n + m³)`` (columns). Annotation: ``PSD``.
+
+    Args:
+        model: A ``torch.nn.Module`` or a JAX ``model_fn(params, x)``.
+        loss_func: As for :class:`~cola_curvature.GGN`.
+        params: The parameters (torch list, or JAX pytree).
+        data: A re-iterable of ``(X, y)`` batches.
+        groups: One group for every parameter separately (``"orthogonal-rows"``,
+            ``"orthogonal-cols"``, ``"orthogonal-both"``, ``"permutation-rows"``), or a
+            dict from a parameter name (``backend.param_names``: ``"0.weight"`` for torch,
+            ``"['w1']"`` for a JAX dict) or a tuple of names sharing their rows to a group.
+        ema: ``None`` (full-data gradient) or ``β ∈ [0, 1)`` (moving average over batches).
+        num_data: Number of examples; counted when ``None``.
+        batch_size_fn: ``X -> int`` for inputs that are not a single array.
+        check_deterministic: Check that two passes over the data agree.
+        progressbar: Show a progress bar over batches.
+
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        loss_func: Any,
+        params: Any,
+        data: Iterable[tuple[Any, Any]],
+        groups: str | Mapping[Any, str] = "orthogonal-rows",
+        *,
+        ema: float | None = None,
+        num_data: int | None = None,
+        batch_size_fn: Any = None,
+        check_deterministic: bool = True,
+        progressbar: bool = False,
+    ) -> None:
+        if ema is not None and not 0 <= ema < 1:
+            raise ValueError(f"ema must be None or in [0, 1), got {ema!r}.")
+        self._backend = curvature_backend(model, loss_func, params)
+        self._loss = self._backend.loss
+        data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar)
+        if check_deterministic:
+            data.check_reproducible()
+        self.num_data = data.num_data
+        self.ema = ema
+        self.parts = _partition(self._backend.param_names, groups)
+        statistics, shapes = self._statistics(data)
+        blocks = [
+            averaged_block(group, stats, shape)
+            for (_, group), stats, shape in zip(self.parts, statistics, shapes, strict=True)
+        ]
+        KroneckerFactored.__init__(self, blocks, self._permutation(blocks[0]))
+
+    def _data_risk(self, f: Array, y: Array) -> Array:
+        """Return ``R Σ_{n ∈ batch} ℓ(f_n, y_n)`` with ``R`` of the whole data set."""
+        self._loss.check_target(f, y)
+        return self._loss.scale(f, self.num_data) * self._loss.sum_value(f, y)
+
+    def _batch_risk(self, f: Array, y: Array) -> Array:
+        """Return the batch's loss reduced as if the batch were the whole data set."""
+        self._loss.check_target(f, y)
+        return self._loss.scale(f, f.shape[0]) * self._loss.sum_value(f, y)
+
+    def _statistics(self, data: CurvatureData) -> tuple[list[tuple[Array, ...]], list[tuple]]:
+        """Return each block's averaged statistics and matrix shape."""
+        backend = self._backend
+        with backend.preserved_state():
+            if self.ema is None:
+                total = None
+                for batch in data.batches("gradient"):
+                    part = backend.gradient(batch, self._data_risk)
+                    total = (
+                        part if total is None else [t + p for t, p in zip(total, part, strict=True)]
+                    )
+                weighted = [(1.0, total)]
+            else:
+                weighted, count = [], 0
+                for batch in data.batches("gradients"):
+                    weighted.append(((1 - self.ema), backend.gradient(batch, self._batch_risk)))
+                    count += 1
+                decay = [self.ema ** (count - 1 - t) for t in range(count)]
+                normaliser = 1 - self.ema**count
+                weighted = [
+                    (w * d / normaliser, g) for (w, g), d in zip(weighted, decay, strict=True)
+                ]
+        self._gradient_shapes = [tuple(g.shape) for g in weighted[0][1]]
+        statistics, shapes = [], []
+        for members, group in self.parts:
+            check_rows(
+                [self._gradient_shapes[i] for i in members],
+                [backend.param_names[i] for i in members],
+            )
+            summed = None
+            for weight, gradient in weighted:
+                G = matrix_view([gradient[i] for i in members])
+                stats = [weight * s for s in gradient_statistics(group, G)]
+                summed = (
+                    stats if summed is None else [a + b for a, b in zip(summed, stats, strict=True)]
+                )
+            statistics.append(tuple(summed))
+            shapes.append(tuple(G.shape))
+        return statistics, shapes
+
+    def _permutation(self, reference: Any) -> Array:
+        """Return the user-order position of every block-order coordinate (row-major blocks)."""
+        xnp, device = reference.xnp, reference.device
+        sizes = self._backend.param_sizes
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        parts = []
+        for members, _ in self.parts:
+            shapes = [self._gradient_shapes[i] for i in members]
+            rows = shapes[0][0] if shapes[0] else 1
+            grids = [
+                offsets[i] + xnp.arange(sizes[i], device=device).reshape(rows, -1) for i in members
+            ]
+            parts.append(xnp.concat(grids, axis=1).reshape(-1))
+        return xnp.concat(parts, axis=0)
+
+
+def check_rows(shapes: Sequence[tuple[int, ...]], names: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless parameters listed together share their first dimension."""
+    rows = {shape[0] if shape else 1 for shape in shapes}
+    if len(rows) > 1:
+        raise ValueError(
+            f"parameters {list(names)} are listed together but have {sorted(rows)} rows; a "
+            "block's parameters must share their first dimension (e.g. a weight and its bias)."
+        )
+
+
+__all__ = ["SymmetryCurvature", "matrix_view"]

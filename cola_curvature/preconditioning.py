@@ -1,0 +1,34 @@
+"""Preconditioned steps ``(C + εI)^p g`` through a Kronecker-factored curvature's eigenbases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cola_curvature.operators.kronecker import KroneckerFactored
+
+Array = Any
+
+
+def preconditioned_step(
+    curvature: KroneckerFactored, gradient: Any, damping: float, power: float = -0.5
+) -> Any:
+    """Return ``(C + ε I)^p g``, exactly, from each block's eigen-decomposition.
+
+    ``p = −1/2`` with a symmetry-averaged ``C`` gives the Muon- and Shampoo-like updates
+    (for ``I ⊗ GᵀG/m`` and ``ε → 0``, ``(C + εI)^{-1/2} vec(G) → √m vec(U Vᵀ)``, the polar
+    factor of ``G = U Σ Vᵀ``); ``p = −1`` a damped Newton-like step with KFAC.
+    ``gradient``: ``(D,)``, ``(D, k)`` or, for operators built from a model, shaped like
+    ``params`` (answered in the same format).
+    """
+    if not isinstance(curvature, KroneckerFactored):
+        raise TypeError(
+            f"curvature must be Kronecker-factored (KFAC, EKFAC, SymmetryCurvature, ...), got "
+            f"{type(curvature).__name__}; for matrix-free operators use cola.linalg.inv."
+        )
+    if not damping > 0 and power < 0:
+        raise ValueError(f"a negative power needs damping > 0, got {damping!r}.")
+    operator = curvature.damped(damping).map_spectrum(lambda s: s**power)
+    backend = getattr(curvature, "_backend", None)
+    if backend is not None and backend.is_param_format(gradient):
+        return backend.as_param_format(operator @ backend.as_param_matrix(gradient))
+    return operator @ gradient
