@@ -65,7 +65,7 @@ def _partition(names: Sequence[str], groups: Any) -> list[Part]:
 
 
 class SymmetryCurvature(ParameterSpaceInterface, KroneckerFactored):
-    r"""``C = P · ⊕_b E_h[ρ_b(h) g_b g_bᵀ ρ_b(h)ᵀ] · Pᵀ``: gradient outer products averaged over symmetries.
+    r"""``C = P · ⊕_b E_h[ρ_b(h) g_b g_bᵀ ρ_b(h)ᵀ] · Pᵀ``: gradients averaged over symmetries.
 
     Each block ``b`` is one parameter, or several listed together (a layer's weight and
     bias), seen as an ``m × n`` matrix (:func:`matrix_view`) with gradient ``G_b``; its
