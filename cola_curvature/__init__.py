@@ -38,6 +38,7 @@ from cola_curvature.operators import (
     ShiftedCurvature,
     SymmetryCurvature,
 )
+from cola_curvature.operators.symmetry import Transposed
 from cola_curvature.operators.symmetry_blocks import (
     PermutationAveragedBlock,
     shampoo_block,
@@ -85,6 +86,7 @@ __all__ = [
     "PermutationAveragedBlock",
     "SymmetryCurvature",
     "SymmetryGroup",
+    "Transposed",
     "preconditioned_step",
     "shampoo_block",
     "symmetry_block",

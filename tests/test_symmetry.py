@@ -296,3 +296,39 @@ def test_parameter_shaped_step_and_bad_groups():
         cc.SymmetryCurvature(model, loss_func, params, data, ema=1.0)
     with pytest.raises(TypeError, match="Kronecker-factored"):
         cc.preconditioned_step(cc.GGN(model, loss_func, params, data), torch.ones(C.shape[0]), 0.1)
+
+
+def test_hidden_unit_permutation_across_two_layers_is_the_brute_force_average():
+    # permuting hidden units: W1 -> ΠW1, b1 -> Πb1, W2 -> W2Πᵀ; b2 is untouched
+    model, loss_func, params, data = mlp_problem()
+    groups = {
+        ("0.weight", "0.bias", cc.Transposed("2.weight")): "permutation-rows",
+        "2.bias": "orthogonal-both",
+    }
+    C = cc.SymmetryCurvature(model, loss_func, params, data, groups=groups).to_dense()
+    total_loss, theta = reference.total_loss_function(model, loss_func, params, data)
+    _, unflatten = reference.flat_params_and_unflatten(params)
+    W1, b1, W2, b2 = unflatten(torch.func.grad(total_loss)(theta))
+    weights = unflatten(theta)
+    average = 0
+    permutations = list(itertools.permutations(range(4)))
+    for perm in permutations:
+        perm = list(perm)
+        permuted = torch.cat([W1[perm].reshape(-1), b1[perm], W2[:, perm].reshape(-1)])
+        average = average + torch.outer(permuted, permuted) / len(permutations)
+        # the permutation is a symmetry: the loss of the permuted weights is unchanged
+        moved = [weights[0][perm], weights[1][perm], weights[2][:, perm], weights[3]]
+        assert (
+            abs(total_loss(torch.cat([w.reshape(-1) for w in moved])) - total_loss(theta)) < 1e-12
+        )
+    coupled = slice(0, 12 + 4 + 8)
+    assert (C[coupled, coupled] - average).abs().max() < 1e-13
+    assert (C[coupled, 24:] == 0).all()
+    assert abs(C[24:, 24:] - (b2**2).sum() / 2 * torch.eye(2, dtype=F64)).max() < 1e-13
+    with pytest.raises(ValueError, match="rows"):
+        bad = {
+            ("0.weight", "2.weight"): "permutation-rows",
+            "0.bias": "orthogonal-rows",
+            "2.bias": "orthogonal-rows",
+        }
+        cc.SymmetryCurvature(model, loss_func, params, data, groups=bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cola.backends import get_library_fns
@@ -15,20 +16,50 @@ from cola_curvature.operators.symmetry_blocks import averaged_block, gradient_st
 from cola_curvature.options import SymmetryGroup, parse_option
 
 Array = Any
-#: A block of the partition: the positions in ``params`` it covers and its group.
-Part = tuple[tuple[int, ...], SymmetryGroup]
 
 
-def matrix_view(gradients: Sequence[Array]) -> Array:
-    """Return ``[P_1 | P_2 | …]``: each parameter as ``(shape[0], rest)``, side by side.
+@dataclass(frozen=True)
+class Transposed:
+    """A parameter whose *columns* (its second axis) belong to the block's rows.
+
+    ``cc.Transposed("2.weight")`` in a group key puts the next layer's incoming weights of
+    each hidden unit into that unit's row (see :class:`SymmetryCurvature`).
+    """
+
+    name: str
+
+
+#: A block member: the position in ``params`` and whether it enters transposed.
+Member = tuple[int, bool]
+#: A block of the partition: its members and its group.
+Part = tuple[tuple[Member, ...], SymmetryGroup]
+
+
+def _rows_first(array: Array, transposed: bool) -> Array:
+    """Return ``array`` as ``(rows, rest)``: its first axis, or its second when transposed."""
+    if array.ndim == 0:
+        return array.reshape(1, 1)
+    if transposed:
+        if array.ndim < 2:
+            raise ValueError(
+                f"a transposed member needs 2 or more axes, got shape {tuple(array.shape)}."
+            )
+        array = get_library_fns(array.dtype).moveaxis(array, 1, 0)
+    return array.reshape(array.shape[0], -1)
+
+
+def matrix_view(gradients: Sequence[Array], transposed: Sequence[bool] | None = None) -> Array:
+    """Return ``[P_1 | P_2 | …]``: each parameter as ``(rows, rest)``, side by side.
 
     A weight ``(m, n)`` is itself, a convolution kernel ``(m, c, h, w)`` is ``(m, c h w)``,
-    a bias ``(m,)`` is a column ``(m, 1)``, a scalar is ``(1, 1)``. Listing a layer's weight
-    and bias together makes a hidden unit's row ``[w_i | b_i]``, on which the row groups
-    act jointly, as permuting hidden units does.
+    a bias ``(m,)`` is a column ``(m, 1)``, a scalar is ``(1, 1)``; a transposed member
+    ``(p, m, …)`` contributes its second axis as rows, ``(m, p …)``. Listing a layer's
+    weight and bias together makes a hidden unit's row ``[w_i | b_i]``, on which the row
+    groups act jointly, as permuting hidden units does.
     """
+    transposed = transposed or [False] * len(gradients)
     xnp = get_library_fns(gradients[0].dtype)
-    views = [g.reshape(g.shape[0] if g.ndim else 1, -1) for g in gradients]
+    views = [_rows_first(g, t) for g, t in zip(gradients, transposed, strict=True)]
     return xnp.concat(views, axis=1)
 
 
@@ -36,7 +67,7 @@ def _partition(names: Sequence[str], groups: Any) -> list[Part]:
     """Return the blocks: every parameter alone for a string, the mapping's keys otherwise."""
     if isinstance(groups, (str, SymmetryGroup)):
         group = parse_option(SymmetryGroup, groups, "symmetry group")
-        return [((i,), group) for i in range(len(names))]
+        return [(((i, False),), group) for i in range(len(names))]
     if not isinstance(groups, Mapping):
         raise TypeError(
             "groups must be a group name such as 'orthogonal-rows', or a dict from a parameter "
@@ -46,14 +77,14 @@ def _partition(names: Sequence[str], groups: Any) -> list[Part]:
     index = {name: i for i, name in enumerate(names)}
     parts, seen = [], []
     for key, value in groups.items():
-        members = (key,) if isinstance(key, str) else tuple(key)
-        unknown = [m for m in members if m not in index]
+        entries = (key,) if isinstance(key, (str, Transposed)) else tuple(key)
+        members = [(e.name, True) if isinstance(e, Transposed) else (e, False) for e in entries]
+        unknown = [name for name, _ in members if name not in index]
         if unknown:
             raise ValueError(f"groups names {unknown}, which are not in params {list(names)}.")
-        parts.append(
-            (tuple(index[m] for m in members), parse_option(SymmetryGroup, value, "symmetry group"))
-        )
-        seen += [index[m] for m in members]
+        group = parse_option(SymmetryGroup, value, "symmetry group")
+        parts.append((tuple((index[name], t) for name, t in members), group))
+        seen += [index[name] for name, _ in members]
     repeated = sorted({names[i] for i in seen if seen.count(i) > 1})
     missing = [names[i] for i in range(len(names)) if i not in seen]
     if repeated or missing:
@@ -76,6 +107,18 @@ class SymmetryCurvature(ParameterSpaceInterface, KroneckerFactored):
     ``inv``, ``logdet``, ``eig``, ``sqrt``/``isqrt``, ``trace``, ``diag`` and damping are
     exact and never dense.
 
+    Hidden units across two layers: permuting the ``m`` hidden units of
+    ``h = σ(W_l x + b_l)``, ``y = W_{l+1} h`` maps ``W_l → ΠW_l``, ``b_l → Πb_l`` and
+    ``W_{l+1} → W_{l+1}Πᵀ`` and leaves the network's function unchanged (``σ`` acts
+    entrywise). Unit ``i`` owns the row ``z_i = [W_l,i | b_l,i | (W_{l+1})_{:,i}ᵀ]`` of
+    ``Z = [W_l | b_l | W_{l+1}ᵀ]`` and ``Π`` permutes the rows of ``Z``, so the joint,
+    cross-layer average is the row-permutation average of ``Z``'s gradient —
+    ``I ⊗ A + 11ᵀ ⊗ B`` with ``A``, ``B`` of size ``(n + 1 + p)²`` coupling both layers — with
+    ``W_{l+1}`` entering transposed: ``groups={("0.weight", "0.bias",
+    cc.Transposed("2.weight")): "permutation-rows", "2.bias": ...}``. Each parameter sits in
+    one block, so in a deeper MLP the joint blocks cover every other hidden layer (the
+    average over all layers' permutations at once couples every layer and is not built).
+
     The gradient: with ``ema=None``, the gradient ``g = ∇_θ L`` of the empirical risk over
     all of ``data`` (one outer product). With ``ema=β``, each batch's own gradient
     ``g_t`` (its loss reduced as if it were the whole data set) enters an exponential
@@ -94,7 +137,8 @@ class SymmetryCurvature(ParameterSpaceInterface, KroneckerFactored):
         groups: One group for every parameter separately (``"orthogonal-rows"``,
             ``"orthogonal-cols"``, ``"orthogonal-both"``, ``"permutation-rows"``), or a
             dict from a parameter name (``backend.param_names``: ``"0.weight"`` for torch,
-            ``"['w1']"`` for a JAX dict) or a tuple of names sharing their rows to a group.
+            ``"['w1']"`` for a JAX dict) or a tuple of names sharing their rows to a group;
+            ``cc.Transposed(name)`` in a tuple contributes that parameter's columns.
         ema: ``None`` (full-data gradient) or ``β ∈ [0, 1)`` (moving average over batches).
         num_data: Number of examples; counted when ``None``.
         batch_size_fn: ``X -> int`` for inputs that are not a single array.
@@ -169,13 +213,14 @@ class SymmetryCurvature(ParameterSpaceInterface, KroneckerFactored):
         self._gradient_shapes = [tuple(g.shape) for g in weighted[0][1]]
         statistics, shapes = [], []
         for members, group in self.parts:
+            first = weighted[0][1]
             check_rows(
-                [self._gradient_shapes[i] for i in members],
-                [backend.param_names[i] for i in members],
+                [_rows_first(first[i], t).shape[0] for i, t in members],
+                [backend.param_names[i] for i, _ in members],
             )
             summed = None
             for weight, gradient in weighted:
-                G = matrix_view([gradient[i] for i in members])
+                G = matrix_view([gradient[i] for i, _ in members], [t for _, t in members])
                 stats = [weight * s for s in gradient_statistics(group, G)]
                 summed = (
                     stats if summed is None else [a + b for a, b in zip(summed, stats, strict=True)]
@@ -191,23 +236,22 @@ class SymmetryCurvature(ParameterSpaceInterface, KroneckerFactored):
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         parts = []
         for members, _ in self.parts:
-            shapes = [self._gradient_shapes[i] for i in members]
-            rows = shapes[0][0] if shapes[0] else 1
             grids = [
-                offsets[i] + xnp.arange(sizes[i], device=device).reshape(rows, -1) for i in members
+                offsets[i] + xnp.arange(sizes[i], device=device).reshape(self._gradient_shapes[i])
+                for i, _ in members
             ]
-            parts.append(xnp.concat(grids, axis=1).reshape(-1))
+            parts.append(matrix_view(grids, [t for _, t in members]).reshape(-1))
         return xnp.concat(parts, axis=0)
 
 
-def check_rows(shapes: Sequence[tuple[int, ...]], names: Sequence[str]) -> None:
-    """Raise ``ValueError`` unless parameters listed together share their first dimension."""
-    rows = {shape[0] if shape else 1 for shape in shapes}
-    if len(rows) > 1:
+def check_rows(rows: Sequence[int], names: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless parameters listed together have the same number of rows."""
+    if len(set(rows)) > 1:
         raise ValueError(
-            f"parameters {list(names)} are listed together but have {sorted(rows)} rows; a "
-            "block's parameters must share their first dimension (e.g. a weight and its bias)."
+            f"parameters {list(names)} are listed together but have {list(rows)} rows; a "
+            "block's members must share their rows (a weight and its bias; the next layer's "
+            "weight as cc.Transposed(name))."
         )
 
 
-__all__ = ["SymmetryCurvature", "matrix_view"]
+__all__ = ["SymmetryCurvature", "Transposed", "matrix_view"]
