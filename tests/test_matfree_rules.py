@@ -272,3 +272,24 @@ def test_trace_and_diagonal_rules_estimate_and_shift_exactly(problem, dense, nam
     assert torch.allclose(damped_diagonal, cola.linalg.diag(operator) + 0.7)
     exact = cola.linalg.trace(operator, cola.linalg.Exact())
     assert abs(exact - matrix.trace()) < 1e-10
+
+
+def test_sketching_estimators_beat_hutchinson_on_a_low_rank_ggn():
+    # 3 examples and 3 classes: the GGN of the 45 parameters has rank ≤ 6
+    problem = mlp_problem(num_examples=3, loss="ce")
+    operator = build("ggn", problem)
+    exact = reference.dense_ggn(*problem).detach()
+
+    def median_error(alg_type):
+        errors = [
+            (cola.linalg.trace(operator, alg_type(num_matvecs=24, seed=s)) - exact.trace()).abs()
+            for s in range(10)
+        ]
+        return torch.stack(errors).median()
+
+    hutchinson = median_error(cc.Hutchinson)
+    assert hutchinson > 1e-3 * exact.trace()
+    assert median_error(cc.HutchPlusPlus) < 1e-10 * exact.trace()  # sketch of 8 ≥ rank
+    assert median_error(cc.XTrace) < 1e-10 * exact.trace()  # 12 test vectors > rank
+    diagonal = cola.linalg.diag(operator, alg=cc.XDiag(num_matvecs=24))
+    assert (diagonal - exact.diagonal()).abs().max() < 1e-10 * exact.diagonal().abs().max()
