@@ -170,26 +170,47 @@ def xdiag(A: LinearOperator, alg: XTrace | None = None) -> Array:
     )
 
 
-def _quadrature_per_probe(
-    A: LinearOperator, functions: list[Callable[[Array], Array]], alg: SLQ
-) -> list[Array]:
-    """Return, per function ``f``, the ``p`` single-probe estimates ``D Σ_i τ_i² f(θ_i)``.
+@dataclass(frozen=True)
+class SpectralQuadrature:
+    """The Lanczos quadrature rules of ``p`` Rademacher probes of a symmetric ``A``.
 
-    One Lanczos run serves all functions. Nodes of zero weight (the padding after a
-    breakdown) are not evaluated.
+    ``tr f(A) ≈ (D/p) Σ_probes Σ_i τ_i² f(θ_i)`` for any ``f``, from one Lanczos run. The
+    rule of ``c A + δ I`` is that of ``A`` with nodes ``c θ + δ`` (Krylov spaces do not
+    change under scaling and shifts), so one run serves a whole family of damped operators,
+    and the estimate is differentiable in ``c`` and ``δ``.
+
+    Attributes:
+        nodes: Ritz values ``θ`` ``(p, s)``.
+        weights: ``τ²`` ``(p, s)``; zero on the padding after a breakdown.
+        dimension: ``D``.
+
     """
-    _check_square(A)
-    xnp = A.xnp
-    probes = rademacher(A, alg.num_probes, alg.seed)
-    nodes, weights = gauss_quadrature(A, probes, alg.num_steps)
-    keep = weights > float(xnp.finfo(A.dtype).eps) ** 2
-    safe_nodes = xnp.where(keep, nodes, xnp.ones_like(nodes))
-    estimates = []
-    for f in functions:
-        values = f(safe_nodes)
-        terms = xnp.where(keep, weights * values, xnp.zeros_like(values))
-        estimates.append(A.shape[0] * xnp.sum(terms, axis=1))
-    return estimates
+
+    nodes: Array
+    weights: Array
+    dimension: int
+
+    @classmethod
+    def of(cls, A: LinearOperator, alg: SLQ) -> SpectralQuadrature:
+        """Return the rules of ``A`` for ``alg.num_probes`` probes of ``alg.num_steps`` steps."""
+        _check_square(A)
+        probes = rademacher(A, alg.num_probes, alg.seed)
+        nodes, weights = gauss_quadrature(A, probes, alg.num_steps)
+        return cls(nodes, weights, A.shape[0])
+
+    def per_probe(self, f: Callable[[Array], Array], xnp: Any) -> Array:
+        """Return the ``p`` single-probe estimates ``D Σ_i τ_i² f(θ_i)``.
+
+        Nodes of zero weight are not evaluated (``f`` may be singular there).
+        """
+        keep = self.weights > float(xnp.finfo(self.weights.dtype).eps) ** 2
+        values = f(xnp.where(keep, self.nodes, xnp.ones_like(self.nodes)))
+        terms = xnp.where(keep, self.weights * values, 0 * values)
+        return self.dimension * xnp.sum(terms, axis=1)
+
+    def trace(self, f: Callable[[Array], Array], xnp: Any) -> Array:
+        """Return the estimate of ``tr f(A)``, the mean of :meth:`per_probe`."""
+        return xnp.mean(self.per_probe(f, xnp))
 
 
 def stochastic_lanczos_quadrature(
@@ -201,8 +222,7 @@ def stochastic_lanczos_quadrature(
     quadrature error, which vanishes for polynomials of degree ``< 2s`` and decays
     geometrically in ``s`` for ``f`` analytic on the spectrum (``log`` on a PD operator).
     """
-    (estimates,) = _quadrature_per_probe(A, [f], alg or SLQ())
-    return A.xnp.mean(estimates)
+    return SpectralQuadrature.of(A, alg or SLQ()).trace(f, A.xnp)
 
 
 def slq_slogdet(A: LinearOperator, alg: SLQ | None = None) -> tuple[Array, Array]:
@@ -216,19 +236,19 @@ def slq_slogdet(A: LinearOperator, alg: SLQ | None = None) -> tuple[Array, Array
     :class:`~cola_curvature.ConvergenceWarning` (use more probes and steps).
     """
     xnp = A.xnp
-    alg = alg or SLQ()
-    log_abs, negatives = _quadrature_per_probe(
-        A, [lambda x: xnp.log(xnp.abs(x)), lambda x: (x < 0) * (1 + 0 * x)], alg
-    )
+    quadrature = SpectralQuadrature.of(A, alg or SLQ())
+    log_abs = quadrature.per_probe(lambda x: xnp.log(xnp.abs(x)), xnp)
+    negatives = quadrature.per_probe(lambda x: (x < 0) * (1 + 0 * x), xnp)
     log_abs = xnp.mean(log_abs)
     if A.isa(PSD):
         return 1 + 0 * log_abs, log_abs
     count = float(xnp.mean(negatives))
-    spread = float(xnp.to_np(negatives).std(ddof=1)) if alg.num_probes > 1 else float("inf")
-    margin = abs(count - round(count)) + 2 * spread / alg.num_probes**0.5
+    num_probes = negatives.shape[0]
+    spread = float(xnp.to_np(negatives).std(ddof=1)) if num_probes > 1 else float("inf")
+    margin = abs(count - round(count)) + 2 * spread / num_probes**0.5
     if margin >= 0.5:
         report_failure(
-            f"SLQ estimates {count:.2f} ± {spread / alg.num_probes**0.5:.2f} negative "
+            f"SLQ estimates {count:.2f} ± {spread / num_probes**0.5:.2f} negative "
             "eigenvalues, too uncertain for the sign of the determinant (returned as nan); "
             "raise SLQ(num_probes=..., num_steps=...).",
             "warn",
@@ -343,6 +363,7 @@ def log_spectral_density(
 
 __all__ = [
     "SpectralDensity",
+    "SpectralQuadrature",
     "frobenius_norm_squared",
     "hutchinson_diagonal",
     "hutchinson_trace",

@@ -10,17 +10,20 @@ import cola
 from cola.backends import get_library_fns
 from tqdm.auto import trange
 
+from cola_curvature.algorithms import SLQ
 from cola_curvature.backends import curvature_backend
+from cola_curvature.estimators import SpectralQuadrature
 from cola_curvature.losses import MSE, BCEWithLogits, Reduction
 from cola_curvature.operators.diagonal import DiagonalCurvature
 from cola_curvature.operators.ekfac import EKFAC
 from cola_curvature.operators.ggn import GGN
 from cola_curvature.operators.kfac import KFAC
 from cola_curvature.operators.kronecker import KroneckerBlock, KroneckerFactored
+from cola_curvature.operators.shifted import ShiftedCurvature
 
 Array = Any
 
-CURVATURES = ("kfac", "ekfac", "diag", "full")
+CURVATURES = ("kfac", "ekfac", "diag", "full", "ggn")
 
 
 class Laplace:
@@ -37,8 +40,13 @@ class Laplace:
     diagonal of the GGN, :class:`~cola_curvature.DiagonalCurvature`), ``"full"`` (the exact GGN
     as one dense block, ``O(D²)`` memory and ``D`` GGN products to build: small models
     only), or any :class:`~cola_curvature.KroneckerFactored` operator the user built for
-    the same ``params`` on the summed unit-variance NLL. The matrix-free GGN (stochastic
-    logdet) is not offered yet.
+    the same ``params`` on the summed unit-variance NLL. ``"ggn"`` keeps the exact GGN
+    matrix-free: ``P = c G + δ I`` is a :class:`~cola_curvature.ShiftedCurvature`,
+    predictives solve with CG, and ``logdet P`` is *stochastic*: one stochastic Lanczos
+    quadrature of ``G`` (``slq``) is computed once, and since the rule of ``c G + δ I`` has
+    nodes ``c θ + δ``, every later evaluation of the evidence (and its gradient in ``δ``
+    and ``σ``) costs no product with ``G``. ``sample`` needs ``P^{-1/2}``, which is not
+    offered for ``"ggn"``.
 
     Args:
         model: The trained model (``θ*`` = the current values of ``params``).
@@ -47,10 +55,12 @@ class Laplace:
             reduction is ignored (the Laplace evidence needs the summed likelihood).
         params: The parameters the posterior is over.
         data: The training data, a re-iterable of ``(X, y)`` batches.
-        curvature: ``"kfac"``, ``"ekfac"``, ``"full"`` or a ``KroneckerFactored`` operator.
+        curvature: ``"kfac"``, ``"ekfac"``, ``"diag"``, ``"full"``, ``"ggn"`` or a
+            ``KroneckerFactored`` operator.
         prior_precision: ``δ > 0``.
         sigma_noise: ``σ > 0``, observation noise of regression (must be 1 otherwise).
         temperature: ``T > 0``; ``T < 1`` sharpens the likelihood.
+        slq: The quadrature of ``logdet`` for ``"ggn"`` (default ``cc.SLQ()``).
     """
 
     def __init__(
@@ -63,6 +73,7 @@ class Laplace:
         prior_precision: float = 1.0,
         sigma_noise: float = 1.0,
         temperature: float = 1.0,
+        slq: SLQ | None = None,
     ) -> None:
         backend = curvature_backend(model, loss_func, params)
         loss = type(backend.loss)(Reduction.SUM)
@@ -81,6 +92,10 @@ class Laplace:
         self._data = data
         self.params = list(params)
         self.temperature = temperature
+        # MSELoss('sum') is Σ (f - y)², twice the unit-variance Gaussian NLL.
+        self._nll_scale = 0.5 if self.regression else 1.0
+        self._slq = slq or SLQ()
+        self._quadrature: SpectralQuadrature | None = None
         self.curvature = self._build_curvature(model, params, data, curvature)
         xnp = self.curvature.xnp
         self.prior_precision = xnp.array(
@@ -94,8 +109,8 @@ class Laplace:
 
     def _build_curvature(
         self, model: Any, params: Any, data: Any, curvature: str | KroneckerFactored
-    ) -> KroneckerFactored:
-        """Return ``H``, the GGN of the summed unit-variance NLL, Kronecker-factored."""
+    ) -> KroneckerFactored | GGN:
+        """Return ``H``: the GGN of the summed unit-variance NLL (``"ggn"``: of the loss)."""
         if isinstance(curvature, KroneckerFactored):
             if curvature.shape[0] != self._backend.num_params:
                 raise ValueError(
@@ -108,8 +123,9 @@ class Laplace:
                 f"Unsupported curvature {curvature!r}; expected one of {CURVATURES} or a "
                 "KroneckerFactored operator."
             )
-        # MSELoss('sum') is Σ (f - y)², twice the unit-variance Gaussian NLL.
-        nll_scale = 0.5 if self.regression else 1.0
+        nll_scale = self._nll_scale
+        if curvature == "ggn":
+            return GGN(model, self._loss, params, data)
         if curvature == "full":
             dense = GGN(model, self._loss, params, data).to_dense()
             xnp = get_library_fns(dense.dtype)
@@ -138,12 +154,33 @@ class Laplace:
             self.sigma_noise if sigma_noise is None else sigma_noise,
         )
 
+    @property
+    def matrix_free(self) -> bool:
+        """Whether the curvature is the matrix-free GGN (``curvature="ggn"``)."""
+        return isinstance(self.curvature, GGN)
+
     def posterior_precision(
         self, prior_precision: Any = None, sigma_noise: Any = None
-    ) -> KroneckerFactored:
-        """Return ``P = H / (σ² T) + δ I`` as a Kronecker-factored operator."""
+    ) -> KroneckerFactored | ShiftedCurvature:
+        """Return ``P = H / (σ² T) + δ I``, Kronecker-factored or (``"ggn"``) shifted."""
         delta, sigma = self._resolve(prior_precision, sigma_noise)
+        if self.matrix_free:
+            scale = self._nll_scale / (sigma**2 * self.temperature)
+            return ShiftedCurvature(self.curvature, delta, scale)
         return self.curvature.scaled(1 / (sigma**2 * self.temperature)).damped(delta)
+
+    def log_det_posterior_precision(
+        self, prior_precision: Any = None, sigma_noise: Any = None
+    ) -> Array:
+        """Return ``logdet P``: exact from the structure, or by the cached SLQ for ``"ggn"``."""
+        delta, sigma = self._resolve(prior_precision, sigma_noise)
+        if not self.matrix_free:
+            return cola.linalg.logdet(self.posterior_precision(delta, sigma))
+        if self._quadrature is None:
+            self._quadrature = SpectralQuadrature.of(self.curvature, self._slq)
+        xnp = self.curvature.xnp
+        scale = self._nll_scale / (sigma**2 * self.temperature)
+        return self._quadrature.trace(lambda nodes: xnp.log(scale * nodes + delta), xnp)
 
     def log_likelihood(self, sigma_noise: Any = None) -> Array:
         """Return ``log p(D | θ*)`` (tempered by ``1/T``), differentiable in ``σ``.
@@ -164,15 +201,15 @@ class Laplace:
         r"""Return the Laplace evidence, exact for the chosen curvature.
 
         ``log p(D) ≈ log p(D|θ*) - ½ δ ‖θ*‖² + ½ D log δ - ½ logdet P``; ``logdet P`` comes
-        from the factors' eigenvalues. Differentiable in ``δ`` and ``σ`` (pass tensors that
-        require grad, or JAX arrays under ``jax.grad``).
+        from the factors' eigenvalues (SLQ for ``"ggn"``). Differentiable in ``δ`` and ``σ``
+        (pass tensors that require grad, or JAX arrays under ``jax.grad``).
         """
         delta, sigma = self._resolve(prior_precision, sigma_noise)
         xnp = self.curvature.xnp
         dimension = self._mean.shape[0]
         scatter = delta * (self._mean**2).sum()
         log_prior_det = dimension * xnp.log(delta + 0 * scatter)
-        log_posterior_det = cola.linalg.logdet(self.posterior_precision(delta, sigma))
+        log_posterior_det = self.log_det_posterior_precision(delta, sigma)
         return (
             self.log_likelihood(sigma)
             - 0.5 * scatter
@@ -268,6 +305,11 @@ class Laplace:
 
     def sample(self, num_samples: int, seed: int = 0) -> Array:
         """Return ``θ* + P^{-1/2} z``, ``z ~ N(0, I)``, shape ``(D, num_samples)``."""
+        if self.matrix_free:
+            raise NotImplementedError(
+                "sample needs P^{-1/2}, which the matrix-free 'ggn' posterior does not offer; "
+                "use curvature='kfac', 'ekfac', 'diag' or 'full'."
+            )
         like = self._mean[:1]
         noise = self._backend.random(seed).normal((self._mean.shape[0], num_samples), like)
         return self._mean[:, None] + cola.linalg.isqrt(self.posterior_precision()) @ noise

@@ -47,8 +47,8 @@ def diag(A: CurvatureOperator, k: int, alg: Auto | Hutchinson | XTrace):  # noqa
     return _ESTIMATORS[type(estimator)](A, estimator)
 
 
-# diag(A + λI) = diag A + λ
+# diag(c A + λI) = c diag A + λ
 @dispatch(precedence=1)
 def diag(A: ShiftedCurvature, k: int, alg: Auto | Hutchinson | XTrace):  # noqa: F811
-    """Return the estimate of ``diag A`` plus the exact ``λ``."""
-    return diag(A.base, k, alg) + A.shift
+    """Return ``c`` times the estimate of ``diag A`` plus the exact ``λ``."""
+    return A.scale * diag(A.base, k, alg) + A.shift

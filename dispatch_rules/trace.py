@@ -32,8 +32,8 @@ def trace(A: CurvatureOperator, alg: Auto | Hutchinson | HutchPlusPlus | XTrace)
     return _ESTIMATORS[type(estimator)](A, estimator)
 
 
-# tr(A + λI) = tr A + λ D
+# tr(c A + λI) = c tr A + λ D
 @dispatch(precedence=1)
 def trace(A: ShiftedCurvature, alg: Auto | Hutchinson | HutchPlusPlus | XTrace):  # noqa: F811
-    """Return the estimate of ``tr A`` plus the exact ``λ D``."""
-    return trace(A.base, alg) + A.shift * A.shape[0]
+    """Return ``c`` times the estimate of ``tr A`` plus the exact ``λ D``."""
+    return A.scale * trace(A.base, alg) + A.shift * A.shape[0]

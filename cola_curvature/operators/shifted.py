@@ -15,36 +15,39 @@ Array = Any
 
 
 class ShiftedCurvature(ParameterSpaceInterface, LinearOperator):
-    """The damped curvature ``A + λ I``; built by ``A + λ * cola.ops.I_like(A)`` (either order).
+    """The damped curvature ``c A + λ I``; ``A + λ * cola.ops.I_like(A)`` (either order) builds it.
 
     CoLA would build a ``Sum`` whose dispatch is order-sensitive; this type lets the
     matrix-free rules treat the damped operator as one symmetric operator (CG, MINRES,
     Lanczos and SLQ run on it directly) and shift exact parts (``tr(A + λI) = tr A + λD``,
-    ``diag(A + λI) = diag A + λ``) without estimating them. ``PSD`` when ``A`` is PSD and
-    ``λ ≥ 0``; otherwise ``SelfAdjoint``.
+    ``diag(A + λI) = diag A + λ``) without estimating them. The scale ``c`` (default 1)
+    serves posterior precisions such as ``G / σ² + δ I``. ``PSD`` when ``A`` is PSD and
+    ``c, λ ≥ 0``; otherwise ``SelfAdjoint``. ``c`` and ``λ`` may be differentiable scalars.
 
     Args:
         base: The matrix-free curvature operator ``A``.
         shift: ``λ`` (a float or a scalar array).
+        scale: ``c`` (a float or a scalar array).
 
     """
 
-    def __init__(self, base: CurvatureOperator, shift: Array) -> None:
+    def __init__(self, base: CurvatureOperator, shift: Array, scale: Array = 1.0) -> None:
         self.base = base
         self.shift = shift
+        self.scale = scale
         self._backend = base._backend
-        positive = base.isa(PSD) and float(shift) >= 0
+        positive = base.isa(PSD) and float(shift) >= 0 and float(scale) >= 0
         super().__init__(base.dtype, base.shape, annotations={PSD if positive else SelfAdjoint})
 
     def _matmat(self, X: Array) -> Array:
-        return self.base._matmat(X) + self.shift * X
+        return self.scale * self.base._matmat(X) + self.shift * X
 
     def shifted(self, shift: Array) -> ShiftedCurvature:
-        """Return ``A + (λ + shift) I``."""
-        return ShiftedCurvature(self.base, self.shift + shift)
+        """Return ``c A + (λ + shift) I``."""
+        return ShiftedCurvature(self.base, self.shift + shift, self.scale)
 
     def __str__(self) -> str:
-        return f"({self.base} + {float(self.shift):g} I)"
+        return f"({float(self.scale):g} {self.base} + {float(self.shift):g} I)"
 
 
 #: The operators the matrix-free rules apply to.
