@@ -38,6 +38,7 @@ from cola_curvature.operators import (
     ShiftedCurvature,
     SymmetryCurvature,
 )
+from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.symmetry import Transposed
 from cola_curvature.operators.symmetry_blocks import (
     PermutationAveragedBlock,
@@ -77,6 +78,7 @@ __all__ = [
     # Kronecker-factored and diagonal operators and their structure
     "DiagonalBlock",
     "DiagonalCurvature",
+    "DiagonalPlusLowRank",
     "EKFAC",
     "KFAC",
     "EigenKronecker",

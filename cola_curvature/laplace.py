@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import cola
+from cola.annotations import PSD
 from cola.backends import get_library_fns
 from tqdm.auto import trange
 
@@ -19,11 +20,12 @@ from cola_curvature.operators.ekfac import EKFAC
 from cola_curvature.operators.ggn import GGN
 from cola_curvature.operators.kfac import KFAC
 from cola_curvature.operators.kronecker import KroneckerBlock, KroneckerFactored
+from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
 
 Array = Any
 
-CURVATURES = ("kfac", "ekfac", "diag", "full", "ggn")
+CURVATURES = ("kfac", "ekfac", "diag", "full", "ggn", "lowrank")
 
 
 class Laplace:
@@ -46,7 +48,10 @@ class Laplace:
     quadrature of ``G`` (``slq``) is computed once, and since the rule of ``c G + δ I`` has
     nodes ``c θ + δ``, every later evaluation of the evidence (and its gradient in ``δ``
     and ``σ``) costs no product with ``G``. ``sample`` needs ``P^{-1/2}``, which is not
-    offered for ``"ggn"``.
+    offered for ``"ggn"``. ``"lowrank"``: ``U diag(s) Uᵀ + diag(d)`` with the top-``rank``
+    eigenpairs of the GGN (Lanczos) and ``d`` the rest of its exact diagonal (clipped at 0),
+    a :class:`~cola_curvature.DiagonalPlusLowRank`: inverse by Woodbury, logdet by
+    Sylvester's identity and samples through an exact factor, all ``O(D k²)``.
 
     Args:
         model: The trained model (``θ*`` = the current values of ``params``).
@@ -61,6 +66,7 @@ class Laplace:
         sigma_noise: ``σ > 0``, observation noise of regression (must be 1 otherwise).
         temperature: ``T > 0``; ``T < 1`` sharpens the likelihood.
         slq: The quadrature of ``logdet`` for ``"ggn"`` (default ``cc.SLQ()``).
+        rank: ``k`` of ``"lowrank"``.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class Laplace:
         sigma_noise: float = 1.0,
         temperature: float = 1.0,
         slq: SLQ | None = None,
+        rank: int = 10,
     ) -> None:
         backend = curvature_backend(model, loss_func, params)
         loss = type(backend.loss)(Reduction.SUM)
@@ -96,6 +103,7 @@ class Laplace:
         self._nll_scale = 0.5 if self.regression else 1.0
         self._slq = slq or SLQ()
         self._quadrature: SpectralQuadrature | None = None
+        self._rank = rank
         self.curvature = self._build_curvature(model, params, data, curvature)
         xnp = self.curvature.xnp
         self.prior_precision = xnp.array(
@@ -126,6 +134,8 @@ class Laplace:
         nll_scale = self._nll_scale
         if curvature == "ggn":
             return GGN(model, self._loss, params, data)
+        if curvature == "lowrank":
+            return self._low_rank_curvature(model, params, data).scaled(nll_scale)
         if curvature == "full":
             dense = GGN(model, self._loss, params, data).to_dense()
             xnp = get_library_fns(dense.dtype)
@@ -136,6 +146,19 @@ class Laplace:
         return operator_type(model, self._loss, params, data, fisher_type="type-2").scaled(
             nll_scale
         )
+
+    def _low_rank_curvature(self, model: Any, params: Any, data: Any) -> DiagonalPlusLowRank:
+        """Return ``U diag(s) Uᵀ + diag(max(diag G − diag(U diag(s) Uᵀ), 0))`` of the GGN."""
+        ggn = GGN(model, self._loss, params, data)
+        if not 0 < self._rank <= ggn.shape[0]:
+            raise ValueError(f"rank must be in 1..{ggn.shape[0]}, got {self._rank}.")
+        values, vectors = cola.linalg.eig(ggn, self._rank, "LA")
+        U = vectors.to_dense()
+        exact = DiagonalCurvature(model, self._loss, params, data, fisher_type="type-2")
+        xnp = ggn.xnp
+        rest = exact.diagonal() - ((U**2) * values).sum(1)
+        M = xnp.diag(values)
+        return DiagonalPlusLowRank(xnp.maximum(rest, 0 * rest), U, M, {PSD})
 
     def _negative_log_likelihood_terms(self) -> tuple[Array, int]:
         """Return ``Σ ℓ(f(x_n), y_n)`` at ``θ*`` (the loss's own sum) and the output count."""
@@ -161,7 +184,7 @@ class Laplace:
 
     def posterior_precision(
         self, prior_precision: Any = None, sigma_noise: Any = None
-    ) -> KroneckerFactored | ShiftedCurvature:
+    ) -> KroneckerFactored | DiagonalPlusLowRank | ShiftedCurvature:
         """Return ``P = H / (σ² T) + δ I``, Kronecker-factored or (``"ggn"``) shifted."""
         delta, sigma = self._resolve(prior_precision, sigma_noise)
         if self.matrix_free:
@@ -304,7 +327,11 @@ class Laplace:
         return link(samples).mean(0)
 
     def sample(self, num_samples: int, seed: int = 0) -> Array:
-        """Return ``θ* + P^{-1/2} z``, ``z ~ N(0, I)``, shape ``(D, num_samples)``."""
+        """Return ``θ* + L z``, ``z ~ N(0, I)``, ``L Lᵀ = P⁻¹``, shape ``(D, num_samples)``.
+
+        ``L = P^{-1/2}`` for the Kronecker-factored posteriors; for ``"lowrank"`` the exact
+        factor of :meth:`DiagonalPlusLowRank.inverse_factor`.
+        """
         if self.matrix_free:
             raise NotImplementedError(
                 "sample needs P^{-1/2}, which the matrix-free 'ggn' posterior does not offer; "
@@ -312,4 +339,7 @@ class Laplace:
             )
         like = self._mean[:1]
         noise = self._backend.random(seed).normal((self._mean.shape[0], num_samples), like)
-        return self._mean[:, None] + cola.linalg.isqrt(self.posterior_precision()) @ noise
+        precision = self.posterior_precision()
+        if isinstance(precision, DiagonalPlusLowRank):
+            return self._mean[:, None] + precision.inverse_factor() @ noise
+        return self._mean[:, None] + cola.linalg.isqrt(precision) @ noise

@@ -14,6 +14,7 @@ from plum import dispatch
 
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators.kronecker import KroneckerFactored, as_kronecker_factored
+from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
 
 
@@ -88,3 +89,16 @@ def add(A: ShiftedCurvature, B: Identity | ScalarMul | Product[ScalarMul, Identi
 def add(A: Identity | ScalarMul | Product[ScalarMul, Identity], B: ShiftedCurvature):  # noqa: F811
     """Return ``μ I + (A + λ I)`` as one :class:`ShiftedCurvature`."""
     return B.shifted(_identity_multiple(A))
+
+
+# (diag(d) + U M Uᵀ) + λI = diag(d + λ) + U M Uᵀ, in either order
+@dispatch(precedence=1)
+def add(A: DiagonalPlusLowRank, B: Identity | ScalarMul | Product[ScalarMul, Identity]):  # noqa: F811
+    """Return ``diag(d + λ) + U M Uᵀ``."""
+    return A.damped(_identity_multiple(B))
+
+
+@dispatch(precedence=1)
+def add(A: Identity | ScalarMul | Product[ScalarMul, Identity], B: DiagonalPlusLowRank):  # noqa: F811
+    """Return ``λ I + diag(d) + U M Uᵀ``."""
+    return B.damped(_identity_multiple(A))

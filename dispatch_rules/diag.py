@@ -9,6 +9,7 @@ from cola_curvature.algorithms import Hutchinson, XTrace
 from cola_curvature.estimators import hutchinson_diagonal, xdiag
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
 
 _ESTIMATORS = {Hutchinson: hutchinson_diagonal, XTrace: xdiag}
@@ -22,9 +23,10 @@ def _main_diagonal_only(A: object, k: int) -> None:
         )
 
 
-# diag(P ⊕_l B_l Pᵀ) = P (⊕_l diag B_l),  diag(G⊗A) = diag G ⊗ diag A
+# diag(P ⊕_l B_l Pᵀ) = P (⊕_l diag B_l),  diag(G⊗A) = diag G ⊗ diag A,
+# diag(diag(d) + U M Uᵀ) = d + rowsum((U M) ⊙ U)
 @dispatch(precedence=1)
-def diag(A: KroneckerFactored, k: int, alg: Algorithm):
+def diag(A: KroneckerFactored | DiagonalPlusLowRank, k: int, alg: Algorithm):
     """Return the main diagonal exactly (``k`` must be 0)."""
     _main_diagonal_only(A, k)
     return A.diagonal()

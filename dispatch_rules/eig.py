@@ -9,6 +9,7 @@ from plum import dispatch
 from cola_curvature.algorithms import LanczosEig
 from cola_curvature.matfree.krylov import check_which, lanczos_eigenpairs, select
 from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import MatrixFreeCurvature
 
 
@@ -28,7 +29,7 @@ def eig(A: KroneckerFactored, k: int, which: str, alg: Algorithm):
 
 # extreme eigenpairs of a symmetric operator known by its products: Lanczos, fully reorthogonalised
 @dispatch(precedence=1)
-def eig(A: MatrixFreeCurvature, k: int, which: str, alg: Auto | LanczosEig):  # noqa: F811
+def eig(A: MatrixFreeCurvature | DiagonalPlusLowRank, k: int, which: str, alg: Auto | LanczosEig):  # noqa: F811
     """Return ``k`` eigenvalues ordered by ``which`` and their eigenvectors (``Dense (D, k)``).
 
     Lanczos with full reorthogonalisation and restarts on breakdown

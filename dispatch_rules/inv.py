@@ -9,6 +9,7 @@ from plum import dispatch
 
 from cola_curvature.algorithms import CG, MINRES, Neumann
 from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import CurvatureInverse, MatrixFreeCurvature
 
 
@@ -68,3 +69,10 @@ def inv(A: MatrixFreeCurvature, alg: ColaCG):  # noqa: F811
     CoLA's own CG stops at ``‖r‖ ≤ tol (‖r₀‖ + 1)`` and does not report failure.
     """
     return CurvatureInverse(A, CG(tol=alg.tol, max_iters=alg.max_iters))
+
+
+# (diag(d) + U M Uᵀ)⁻¹ = diag(1/d) − (U/d) M (I + Uᵀ(U/d) M)⁻¹ (U/d)ᵀ  (Woodbury)
+@dispatch(precedence=1)
+def inv(A: DiagonalPlusLowRank, alg: Algorithm):  # noqa: F811
+    """Return the exact inverse, again a diagonal plus a rank-``k`` term; ``alg`` is not used."""
+    return A.inverse()

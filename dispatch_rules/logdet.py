@@ -9,6 +9,7 @@ from plum import dispatch
 from cola_curvature.algorithms import SLQ
 from cola_curvature.estimators import slq_slogdet
 from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import MatrixFreeCurvature
 
 
@@ -44,3 +45,10 @@ def slogdet(A: MatrixFreeCurvature, log_alg: Auto | SLQ, trace_alg: Algorithm): 
     otherwise; see :func:`~cola_curvature.estimators.slq_slogdet`.
     """
     return slq_slogdet(A, SLQ() if isinstance(log_alg, Auto) else log_alg)
+
+
+# det(diag(d) + U M Uᵀ) = Π d_i · det(I_k + M Uᵀ diag(d)⁻¹ U)  (Sylvester)
+@dispatch(precedence=1)
+def slogdet(A: DiagonalPlusLowRank, log_alg: Algorithm, trace_alg: Algorithm):  # noqa: F811
+    """Return ``(sign, log|det|)`` exactly from a ``k × k`` determinant."""
+    return A.slogdet()

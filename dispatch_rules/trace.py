@@ -9,14 +9,15 @@ from cola_curvature.algorithms import Hutchinson, HutchPlusPlus, XTrace
 from cola_curvature.estimators import hutchinson_trace, hutchpp_trace, xtrace
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
 
 _ESTIMATORS = {Hutchinson: hutchinson_trace, HutchPlusPlus: hutchpp_trace, XTrace: xtrace}
 
 
-# tr(P ⊕_l (G_l⊗A_l) Pᵀ) = Σ_l tr(G_l) tr(A_l)
+# tr(P ⊕_l (G_l⊗A_l) Pᵀ) = Σ_l tr(G_l) tr(A_l);  tr(diag(d) + U M Uᵀ) = Σ d + tr(M UᵀU)
 @dispatch(precedence=1)
-def trace(A: KroneckerFactored, alg: Algorithm):
+def trace(A: KroneckerFactored | DiagonalPlusLowRank, alg: Algorithm):
     """Return the trace exactly."""
     return A.trace()
 
