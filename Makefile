@@ -9,9 +9,12 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
 PYTEST_ARGS ?= -n 2 -q
-# Peers the benchmarks compare against; --no-deps: backpack-for-pytorch requires torchvision,
-# which would replace the pinned CPU torch.
-PEERS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch einops einconv opt-einsum linear_operator
+# Peers the benchmarks and tests/test_laplace_torch.py compare against; --no-deps:
+# backpack-for-pytorch and laplace-torch require torchvision, which would replace the pinned
+# CPU torch. laplace-torch imports asdl (from asdfghjkl), backpack (needs unfoldNd) and
+# torchmetrics (needs lightning-utilities).
+PEERS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch einops einconv opt-einsum linear_operator \
+	laplace-torch==0.3 asdfghjkl==0.1a4 unfoldNd torchmetrics lightning-utilities
 LINTED := cola_curvature dispatch_rules tests examples benchmarks
 
 .PHONY: test demo bench lint
@@ -32,7 +35,7 @@ $(VENV)/.installed-peers: $(VENV)/.stamp-bench
 	$(PIP) install --quiet --no-deps $(PEERS)
 	touch $@
 
-test: $(VENV)/.stamp-test
+test: $(VENV)/.stamp-test $(VENV)/.installed-peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.stamp-demo

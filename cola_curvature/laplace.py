@@ -97,7 +97,7 @@ class Laplace:
         self._backend = backend
         self._loss = loss
         self._data = data
-        self.params = list(params)
+        self.params = params
         self.temperature = temperature
         # MSELoss('sum') is Σ (f - y)², twice the unit-variance Gaussian NLL.
         self._nll_scale = 0.5 if self.regression else 1.0
@@ -112,7 +112,7 @@ class Laplace:
         self.sigma_noise = xnp.array(
             sigma_noise, dtype=self.curvature.dtype, device=self.curvature.device
         )
-        self._mean = backend.flatten([p.detach()[None] for p in self.params])[:, 0]
+        self._mean = backend.parameter_vector()
         self._nll, self._num_outputs = self._negative_log_likelihood_terms()
 
     def _build_curvature(
@@ -249,29 +249,40 @@ class Laplace:
     ) -> None:
         """Maximise the marginal likelihood over ``log δ`` (and ``log σ`` for regression).
 
-        Adam on the log-hyperparameters for ``steps`` steps; ``sigma_noise`` defaults to
-        tuning ``σ`` for regression. ``progressbar``: ``None`` shows one on a terminal only.
+        Adam (Kingma & Ba 2015, β = (0.9, 0.999)) on the log-hyperparameters for ``steps``
+        steps, gradients from the backend's autodiff; ``sigma_noise`` defaults to tuning
+        ``σ`` for regression. ``progressbar``: ``None`` shows one on a terminal only.
         Updates :attr:`prior_precision` and :attr:`sigma_noise`.
         """
-        import torch
-
         tune_sigma = self.regression if sigma_noise is None else sigma_noise
-        log_delta = self.prior_precision.log().detach().clone().requires_grad_(True)
-        log_sigma = self.sigma_noise.log().detach().clone().requires_grad_(tune_sigma)
-        variables = [log_delta] + ([log_sigma] if tune_sigma else [])
-        optimizer = torch.optim.Adam(variables, lr=lr)
-        for _ in trange(
-            steps,
+        xnp = self.curvature.xnp
+        variables = [xnp.log(self.prior_precision), xnp.log(self.sigma_noise)]
+        tuned = [True, tune_sigma]
+
+        def negative_evidence(log_delta: Array, log_sigma: Array) -> Array:
+            return -self.log_marginal_likelihood(xnp.exp(log_delta), xnp.exp(log_sigma))
+
+        first = [0 * v for v in variables]
+        second = [0 * v for v in variables]
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        for step in trange(
+            1,
+            steps + 1,
             desc="marginal likelihood",
             disable=None if progressbar is None else not progressbar,
             leave=False,
         ):
-            optimizer.zero_grad()
-            loss = -self.log_marginal_likelihood(log_delta.exp(), log_sigma.exp())
-            loss.backward()
-            optimizer.step()
-        self.prior_precision = log_delta.detach().exp()
-        self.sigma_noise = log_sigma.detach().exp()
+            _, grads = self._backend.value_and_grad(negative_evidence, variables)
+            for i, grad in enumerate(grads):
+                if not tuned[i]:
+                    continue
+                first[i] = beta1 * first[i] + (1 - beta1) * grad
+                second[i] = beta2 * second[i] + (1 - beta2) * grad**2
+                corrected = first[i] / (1 - beta1**step)
+                scale = xnp.sqrt(second[i] / (1 - beta2**step)) + eps
+                variables[i] = variables[i] - lr * corrected / scale
+        self.prior_precision = xnp.exp(variables[0])
+        self.sigma_noise = xnp.exp(variables[1])
 
     def predictive(self, inputs: Any) -> tuple[Array, Array]:
         """Return the linearised (GLM) predictive mean ``f(x)`` and covariance ``J P⁻¹ Jᵀ``.
@@ -318,7 +329,7 @@ class Laplace:
         size = covariance.shape[-1]
         jitter = (
             1e-10
-            * covariance.abs().max()
+            * xnp.abs(covariance).max()
             * xnp.eye(size, size, dtype=mean.dtype, device=self.curvature.device)
         )
         factor = xnp.cholesky(covariance + jitter)

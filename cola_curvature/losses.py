@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from cola.backends import get_library_fns
 
+from cola_curvature._tracing import is_traced
 from cola_curvature.options import Reduction, parse_option
 
 Array = Any
@@ -96,11 +97,6 @@ class Loss(ABC):
         if self.reduction is Reduction.SUM:
             return 1.0
         return 1.0 / (num_data * self.terms_per_example(f))
-
-
-def _is_traced(x: Array) -> bool:
-    """Return whether ``x`` is an abstract value inside a JAX transformation (no values)."""
-    return "Tracer" in type(x).__name__
 
 
 def _diagonal_factor(f: Array, sqrt_diagonal: Array) -> Array:
@@ -230,7 +226,7 @@ class CrossEntropy(Loss):
         if "int" not in str(y.dtype):
             raise ValueError(f"CrossEntropy needs integer class labels, got dtype {y.dtype}.")
         # Values are only checked eagerly; under jax.jit the shape check above still runs.
-        if not _is_traced(y) and (bool((y < 0).any()) or bool((y >= f.shape[1]).any())):
+        if not is_traced(y) and (bool((y < 0).any()) or bool((y >= f.shape[1]).any())):
             raise ValueError(
                 f"CrossEntropy labels must lie in [0, {f.shape[1]}); got values from "
                 f"{int(y.min())} to {int(y.max())}. Padding with ignore_index (-100) is not "

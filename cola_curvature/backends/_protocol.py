@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -39,6 +39,17 @@ class CurvatureBackend(Protocol):
         rng: RandomSource | None,
     ) -> ParamColumns:
         """Return ``Jᵀ M J V`` with ``M`` given by ``output_matmat``, one forward pass shared."""
+
+    def parameter_vector(self) -> Array:
+        """Return the current parameter values as one flat ``(D,)`` array (no autodiff)."""
+
+    def output_jacobian(self, inputs: Any) -> tuple[Array, Array]:
+        """Return ``f(x)`` and ``∂f/∂θ`` of shape ``(*f.shape, D)``."""
+
+    def value_and_grad(
+        self, fn: Callable[..., Array], variables: Sequence[Array]
+    ) -> tuple[Array, list[Array]]:
+        """Return ``fn(*variables)`` and its gradient w.r.t. each (scalar) variable."""
 
     def gradient(self, batch: Batch, risk: BatchRisk) -> ParamColumns:
         """Return ``∇_θ risk(f_θ(x), y)`` on one batch, one array shaped like each parameter."""

@@ -8,6 +8,7 @@ from typing import Any
 from cola.annotations import PSD
 from cola.ops import BlockDiag, Dense, Kronecker, LinearOperator
 
+from cola_curvature._tracing import known_nonnegative
 from cola_curvature.options import DampingMode, parse_option
 
 Array = Any
@@ -182,7 +183,7 @@ class KroneckerFactored(BlockDiag):
         (Martens & Grosse, 2015); only for blocks that still hold their two factors.
         """
         mode = parse_option(DampingMode, mode, "damping mode")
-        if not damping >= 0:
+        if known_nonnegative(damping) is False:
             raise ValueError(f"damping must be non-negative, got {damping}.")
         if mode is DampingMode.EXACT:
             return self.map_spectrum(lambda s: s + damping)
@@ -195,7 +196,7 @@ class KroneckerFactored(BlockDiag):
 
     def scaled(self, factor: Array) -> KroneckerFactored:
         """Return ``c K`` with every block scaled (``c`` may be a differentiable scalar)."""
-        annotations = set(self.annotations) if bool(factor >= 0) else set()
+        annotations = set(self.annotations) if known_nonnegative(factor) else set()
         blocks = [block.scaled(factor) for block in self.blocks]
         return KroneckerFactored(blocks, self.permutation, annotations)
 

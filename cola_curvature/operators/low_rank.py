@@ -22,6 +22,8 @@ from typing import Any
 
 from cola.ops import Diagonal, LinearOperator
 
+from cola_curvature._tracing import known_nonnegative
+
 Array = Any
 
 
@@ -53,12 +55,12 @@ class DiagonalPlusLowRank(LinearOperator):
 
     def scaled(self, factor: Array) -> DiagonalPlusLowRank:
         """Return ``c (diag(d) + U M Uᵀ)``."""
-        keep = set(self.annotations) if bool(factor >= 0) else set()
+        keep = set(self.annotations) if known_nonnegative(factor) else set()
         return DiagonalPlusLowRank(factor * self.diagonal_part, self.U, factor * self.M, keep)
 
     def damped(self, damping: Array) -> DiagonalPlusLowRank:
         """Return ``diag(d + λ) + U M Uᵀ``."""
-        keep = set(self.annotations) if bool(damping >= 0) else set()
+        keep = set(self.annotations) if known_nonnegative(damping) else set()
         return DiagonalPlusLowRank(self.diagonal_part + damping, self.U, self.M, keep)
 
     def inverse(self) -> DiagonalPlusLowRank:

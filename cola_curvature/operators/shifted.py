@@ -7,6 +7,7 @@ from typing import Any
 from cola.annotations import PSD, SelfAdjoint
 from cola.ops import LinearOperator
 
+from cola_curvature._tracing import known_nonnegative
 from cola_curvature.matfree.solvers import IterativeInverse
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators._interface import ParameterSpaceInterface
@@ -36,7 +37,7 @@ class ShiftedCurvature(ParameterSpaceInterface, LinearOperator):
         self.shift = shift
         self.scale = scale
         self._backend = base._backend
-        positive = base.isa(PSD) and float(shift) >= 0 and float(scale) >= 0
+        positive = base.isa(PSD) and known_nonnegative(shift) and known_nonnegative(scale)
         super().__init__(base.dtype, base.shape, annotations={PSD if positive else SelfAdjoint})
 
     def _matmat(self, X: Array) -> Array:

@@ -120,6 +120,27 @@ class JaxBackend:
         )
         return self._treedef.flatten_up_to(result)
 
+    def parameter_vector(self) -> Array:
+        """Return the parameters as one flat array, in ``ravel_pytree`` order."""
+        return jnp.concatenate(
+            [leaf.reshape(-1) for leaf in self._treedef.flatten_up_to(self._params)]
+        )
+
+    def output_jacobian(self, inputs: Any) -> tuple[Array, Array]:
+        """Return ``f(x)`` and ``∂f/∂θ`` of shape ``(*f.shape, D)`` by ``jax.jacrev``."""
+        outputs = self._forward(self._params, inputs)
+        jacobian = jax.jacrev(lambda p: self._model_fn(p, inputs))(self._params)
+        leaves = self._treedef.flatten_up_to(jacobian)
+        flat = [j.reshape(*outputs.shape, -1) for j in leaves]
+        return outputs, jnp.concatenate(flat, axis=-1)
+
+    def value_and_grad(
+        self, fn: Callable[..., Array], variables: Sequence[Array]
+    ) -> tuple[Array, list[Array]]:
+        """Return ``fn(*variables)`` and its gradients by ``jax.value_and_grad``."""
+        value, grads = jax.value_and_grad(fn, argnums=tuple(range(len(variables))))(*variables)
+        return value, list(grads)
+
     def gradient(self, batch: tuple[Any, Any], risk: Callable) -> list[Array]:
         """Return ``∇_θ risk`` on one batch, compiled once per batch shape and ``risk``."""
         inputs, targets = batch

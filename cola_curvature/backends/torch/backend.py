@@ -121,6 +121,20 @@ class TorchBackend:
         )
         return self.loss.scale(outputs, num_data) * (gradients**2).sum((0, 1))
 
+    def parameter_vector(self) -> torch.Tensor:
+        """Return the parameters' current values, flat and detached."""
+        return torch.cat([p.detach().reshape(-1) for p in self._params])
+
+    def value_and_grad(
+        self, fn: Callable[..., torch.Tensor], variables: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Return ``fn(*variables)`` and its gradients by ``torch.autograd.grad``."""
+        with torch.enable_grad():
+            leaves = [v.detach().requires_grad_(True) for v in variables]
+            value = fn(*leaves)
+            grads = torch.autograd.grad(value, leaves)
+        return value.detach(), list(grads)
+
     def output_jacobian(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``f(x)`` and the Jacobian ``∂f/∂θ`` of shape ``(*f.shape, D)``.
 
