@@ -11,6 +11,7 @@ from cola.annotations import PSD
 from cola.backends import get_library_fns
 from tqdm.auto import trange
 
+from cola_curvature._tracing import is_traced
 from cola_curvature.algorithms import SLQ
 from cola_curvature.backends import curvature_backend
 from cola_curvature.estimators import SpectralQuadrature
@@ -164,6 +165,7 @@ class Laplace:
         """Return ``Σ ℓ(f(x_n), y_n)`` at ``θ*`` (the loss's own sum) and the output count."""
         total, count = 0, 0
         for inputs, targets in self._data:
+            self._input_shape = tuple(getattr(inputs, "shape", ())[1:])
             outputs = self._backend.forward(inputs)
             self._loss.check_target(outputs, targets)
             total = total + self._loss.sum_value(outputs, targets)
@@ -171,7 +173,14 @@ class Laplace:
         return total, count
 
     def _resolve(self, prior_precision: Any, sigma_noise: Any) -> tuple[Array, Array]:
-        """Return the given hyperparameters, or the stored ones where ``None``."""
+        """Return the given hyperparameters, or the stored ones where ``None``.
+
+        Raises:
+            ValueError: when a given value is known to be ``≤ 0``.
+        """
+        for name, value in [("prior_precision", prior_precision), ("sigma_noise", sigma_noise)]:
+            if value is not None and not is_traced(value) and not bool(value > 0):
+                raise ValueError(f"{name} must be positive, got {value}.")
         return (
             self.prior_precision if prior_precision is None else prior_precision,
             self.sigma_noise if sigma_noise is None else sigma_noise,
@@ -291,6 +300,12 @@ class Laplace:
         ``σ²`` for the observation noise of regression). ``P⁻¹`` is applied to the ``N C``
         Jacobian rows through the structured inverse, never densely.
         """
+        shape = tuple(getattr(inputs, "shape", ())[1:])
+        if self._input_shape and shape != self._input_shape:
+            raise ValueError(
+                f"inputs have shape {tuple(inputs.shape)}; the training inputs were "
+                f"(N, {', '.join(map(str, self._input_shape))})."
+            )
         outputs, jacobian = self._backend.output_jacobian(inputs)
         rows = jacobian.reshape(-1, jacobian.shape[-1])
         solved = cola.linalg.inv(self.posterior_precision()) @ rows.T

@@ -157,6 +157,13 @@ def test_bad_input():
     model_c, loss_c, params_c, data_c = classification_problem()
     with pytest.raises(ValueError, match="regression"):
         cc.Laplace(model_c, loss_c, params_c, data_c, sigma_noise=2.0)
+    laplace = cc.Laplace(model, loss_func, params, data, curvature="kfac")
+    with pytest.raises(ValueError, match="sigma_noise must be positive"):
+        laplace.log_marginal_likelihood(sigma_noise=-1.0)
+    with pytest.raises(ValueError, match="prior_precision must be positive"):
+        laplace.log_marginal_likelihood(prior_precision=0.0)
+    with pytest.raises(ValueError, match=r"training inputs were \(N, 1\)"):
+        laplace.predictive(torch.zeros(3, 2, dtype=F64))
 
 
 @pytest.mark.parametrize(
