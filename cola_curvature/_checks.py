@@ -27,22 +27,26 @@ def _unpack(batch: Any, index: int) -> tuple[Any, Any]:
 
 
 def count_examples(
-    data: Iterable[Any],
-    batch_size_fn: Callable[[Any], int],
-    backend: CurvatureBackend,
-    num_data: int | None,
+    data: Iterable[Any], batch_size_fn: Callable[[Any], int], backend: CurvatureBackend
 ) -> int:
     """Return the number of examples in ``data`` after checking every batch once.
 
-    Each batch must be a pair ``(X, y)`` without NaN or infinite values. A given
-    ``num_data`` replaces the count (``data`` may be one shard of a larger data set) and
-    must not be smaller than it.
+    Each batch must be a pair ``(X, y)`` without NaN or infinite values.
     """
     counted = 0
     for index, batch in enumerate(data):
         inputs, targets = _unpack(batch, index)
         backend.check_batch((inputs, targets))
         counted += batch_size_fn(inputs)
+    return counted
+
+
+def resolve_num_data(counted: int, num_data: int | None) -> int:
+    """Return the number of examples ``N``: the count, or a given ``num_data`` not below it.
+
+    A given ``num_data`` replaces the count (``data`` may be one part of a larger data
+    set whose loss scaling applies).
+    """
     if counted == 0:
         raise ValueError("data is empty; pass at least one (X, y) batch with one example.")
     if num_data is None:

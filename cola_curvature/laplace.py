@@ -68,6 +68,8 @@ class Laplace:
         temperature: ``T > 0``; ``T < 1`` sharpens the likelihood.
         slq: The quadrature of ``logdet`` for ``"ggn"`` (default ``cc.SLQ()``).
         rank: ``k`` of ``"lowrank"``.
+        distributed: ``data`` is this rank's shard over a ``torch.distributed`` group; the
+            curvature, the likelihood and the output count are summed over the ranks.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class Laplace:
         temperature: float = 1.0,
         slq: SLQ | None = None,
         rank: int = 10,
+        distributed: bool = False,
     ) -> None:
         backend = curvature_backend(model, loss_func, params)
         loss = type(backend.loss)(Reduction.SUM)
@@ -105,6 +108,7 @@ class Laplace:
         self._slq = slq or SLQ()
         self._quadrature: SpectralQuadrature | None = None
         self._rank = rank
+        self.distributed = distributed
         self.curvature = self._build_curvature(model, params, data, curvature)
         xnp = self.curvature.xnp
         self.prior_precision = xnp.array(
@@ -134,28 +138,30 @@ class Laplace:
             )
         nll_scale = self._nll_scale
         if curvature == "ggn":
-            return GGN(model, self._loss, params, data)
+            return GGN(model, self._loss, params, data, distributed=self.distributed)
         if curvature == "lowrank":
             return self._low_rank_curvature(model, params, data).scaled(nll_scale)
         if curvature == "full":
-            dense = GGN(model, self._loss, params, data).to_dense()
+            dense = GGN(model, self._loss, params, data, distributed=self.distributed).to_dense()
             xnp = get_library_fns(dense.dtype)
             one = xnp.ones((1, 1), dtype=dense.dtype, device=xnp.get_device(dense))
             identity = xnp.arange(dense.shape[0], device=xnp.get_device(dense))
             return KroneckerFactored([KroneckerBlock(nll_scale * dense, one)], identity)
         operator_type = {"kfac": KFAC, "ekfac": EKFAC, "diag": DiagonalCurvature}[curvature]
-        return operator_type(model, self._loss, params, data, fisher_type="type-2").scaled(
-            nll_scale
-        )
+        return operator_type(
+            model, self._loss, params, data, fisher_type="type-2", distributed=self.distributed
+        ).scaled(nll_scale)
 
     def _low_rank_curvature(self, model: Any, params: Any, data: Any) -> DiagonalPlusLowRank:
         """Return ``U diag(s) Uᵀ + diag(max(diag G − diag(U diag(s) Uᵀ), 0))`` of the GGN."""
-        ggn = GGN(model, self._loss, params, data)
+        ggn = GGN(model, self._loss, params, data, distributed=self.distributed)
         if not 0 < self._rank <= ggn.shape[0]:
             raise ValueError(f"rank must be in 1..{ggn.shape[0]}, got {self._rank}.")
         values, vectors = cola.linalg.eig(ggn, self._rank, "LA")
         U = vectors.to_dense()
-        exact = DiagonalCurvature(model, self._loss, params, data, fisher_type="type-2")
+        exact = DiagonalCurvature(
+            model, self._loss, params, data, fisher_type="type-2", distributed=self.distributed
+        )
         xnp = ggn.xnp
         rest = exact.diagonal() - ((U**2) * values).sum(1)
         M = xnp.diag(values)
@@ -170,6 +176,10 @@ class Laplace:
             self._loss.check_target(outputs, targets)
             total = total + self._loss.sum_value(outputs, targets)
             count += math.prod(outputs.shape)
+        if self.distributed:
+            total = self._backend.sum_over_processes(total)
+            like = total * 0 + count
+            count = int(self._backend.sum_over_processes(like).item())
         return total, count
 
     def _resolve(self, prior_precision: Any, sigma_noise: Any) -> tuple[Array, Array]:

@@ -40,6 +40,18 @@ class CurvatureBackend(Protocol):
     ) -> ParamColumns:
         """Return ``Jᵀ M J V`` with ``M`` given by ``output_matmat``, one forward pass shared."""
 
+    def check_process_group(self) -> None:
+        """Raise unless the backend can combine results over an initialised process group."""
+
+    def gather_counts(self, count: int) -> list[int]:
+        """Return every rank's ``count``, in rank order."""
+
+    def check_same_parameters(self) -> None:
+        """Raise ``ValueError`` on every rank when the ranks' parameter values differ."""
+
+    def sum_over_processes(self, partial: Array) -> Array:
+        """Return ``partial`` summed over all ranks (one ``all_reduce``)."""
+
     def parameter_vector(self) -> Array:
         """Return the current parameter values as one flat ``(D,)`` array (no autodiff)."""
 

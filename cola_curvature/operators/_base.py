@@ -38,6 +38,9 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
         check_deterministic: Verify at construction that data, model and products are
             deterministic (two passes over the data, two products, identical results).
         progressbar: Show a progress bar over batches during each product.
+        distributed: ``data`` is this rank's shard of a data set split over an
+            initialised ``torch.distributed`` process group; every product is summed over
+            the ranks (one ``all_reduce``), so all ranks hold the same result.
 
     """
 
@@ -55,11 +58,12 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         check_deterministic: bool = True,
         progressbar: bool = False,
+        distributed: bool = False,
     ) -> None:
         backend = curvature_backend(model, loss_func, params)
         self._backend: CurvatureBackend = backend
         self._loss = backend.loss
-        self._data = CurvatureData(data, backend, num_data, batch_size_fn, progressbar)
+        self._data = CurvatureData(data, backend, num_data, batch_size_fn, progressbar, distributed)
         shape = (backend.num_params, backend.num_params)
         super().__init__(backend.dtype, shape, annotations={self.annotation})
         if check_deterministic:
@@ -92,7 +96,7 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
                     if total is None
                     else [t + c for t, c in zip(total, contribution, strict=True)]
                 )
-        return backend.flatten(total)
+        return self._data.combine(backend.flatten(total))
 
     def _check_deterministic(self) -> None:
         """Raise ``RuntimeError`` when data, model outputs or products are not reproducible."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from cola_curvature._checks import check_data, count_examples
+from cola_curvature._checks import check_data, count_examples, resolve_num_data
 from cola_curvature.backends import CurvatureBackend
 
 NONDETERMINISM_CAUSES = (
@@ -20,12 +20,19 @@ NONDETERMINISM_CAUSES = (
 class CurvatureData:
     """A re-iterable of ``(X, y)`` batches with its example count ``N``.
 
+    With ``distributed=True`` the batches are this process's shard of a data set split
+    over the ranks of an initialised ``torch.distributed`` process group: ``N`` is the
+    total over all ranks, and :meth:`combine` sums a partial result over them (one
+    ``all_reduce``), so every rank holds the product over the whole data set. At
+    construction every rank must hold at least one example and the same parameter values.
+
     Args:
         data: The batches, e.g. a list or a ``DataLoader``.
         backend: The backend that checks batches and runs the model.
-        num_data: Number of examples; counted in one pass over ``data`` when ``None``.
+        num_data: Number of examples (over all ranks); counted when ``None``.
         batch_size_fn: ``X -> int``; the backend's default reads ``X.shape[0]``.
         progressbar: Show a tqdm bar when iterating.
+        distributed: Whether ``data`` is one rank's shard (see above).
     """
 
     def __init__(
@@ -35,15 +42,32 @@ class CurvatureData:
         num_data: int | None,
         batch_size_fn: Callable[[Any], int] | None,
         progressbar: bool,
+        distributed: bool = False,
     ) -> None:
         check_data(data)
         self.source = data
         self._backend = backend
         self._progressbar = progressbar
+        self.distributed = distributed
+        if distributed:
+            backend.check_process_group()
         with backend.preserved_state():
-            self.num_data = count_examples(
-                data, batch_size_fn or backend.batch_size, backend, num_data
-            )
+            counted = count_examples(data, batch_size_fn or backend.batch_size, backend)
+        if distributed:
+            counts = backend.gather_counts(counted)
+            empty = [rank for rank, count in enumerate(counts) if count == 0]
+            if empty:
+                raise ValueError(
+                    f"ranks {empty} hold no examples; with distributed=True every rank needs "
+                    "a non-empty shard of the data."
+                )
+            backend.check_same_parameters()
+            counted = sum(counts)
+        self.num_data = resolve_num_data(counted, num_data)
+
+    def combine(self, partial: Any) -> Any:
+        """Return ``partial`` summed over the ranks (itself unless ``distributed``)."""
+        return self._backend.sum_over_processes(partial) if self.distributed else partial
 
     def batches(self, desc: str) -> Iterator[tuple[Any, Any]]:
         """Iterate over the batches, with a progress bar when enabled."""

@@ -81,6 +81,8 @@ class DiagonalCurvature(ParameterSpaceInterface, KroneckerFactored):
         batch_size_fn: ``X -> int`` for inputs that are not a single array.
         check_deterministic: Check that two passes over data and two forward passes agree.
         progressbar: Show a progress bar over batches.
+        distributed: ``data`` is this rank's shard over a ``torch.distributed`` group; the
+            diagonal is summed over the ranks.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class DiagonalCurvature(ParameterSpaceInterface, KroneckerFactored):
         batch_size_fn: Any = None,
         check_deterministic: bool = True,
         progressbar: bool = False,
+        distributed: bool = False,
     ) -> None:
         self.fisher_type = parse_option(FisherType, fisher_type, "fisher_type")
         if self.fisher_type is FisherType.FORWARD_ONLY:
@@ -106,7 +109,7 @@ class DiagonalCurvature(ParameterSpaceInterface, KroneckerFactored):
             )
         check_mc_samples(mc_samples)
         self._backend = curvature_backend(model, loss_func, params)
-        data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar)
+        data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar, distributed)
         if check_deterministic:
             data.check_reproducible()
         self.num_data = data.num_data
@@ -117,6 +120,7 @@ class DiagonalCurvature(ParameterSpaceInterface, KroneckerFactored):
                 total = total + self._backend.curvature_diagonal(
                     batch, data.num_data, self.fisher_type, mc_samples, rng
                 )
+        total = data.combine(total)
         xnp = DiagonalBlock(total).xnp
         identity = xnp.arange(total.shape[0], device=xnp.get_device(total))
         KroneckerFactored.__init__(self, [DiagonalBlock(total)], identity)

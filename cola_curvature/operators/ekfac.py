@@ -70,4 +70,4 @@ class EKFAC(KFAC):
                 )
                 for name, value in corrections.items():
                     totals[name] = totals.get(name, 0) + value
-        return totals
+        return {name: self._data.combine(value) for name, value in totals.items()}

@@ -56,6 +56,8 @@ def kronecker_factors(
                 input_sums[name] = input_sums.get(name, 0) + moment
             for name, moment in stats.output_moments.items():
                 output_sums[name] = output_sums.get(name, 0) + moment
+    input_sums = {name: data.combine(value) for name, value in input_sums.items()}
+    output_sums = {name: data.combine(value) for name, value in output_sums.items()}
     factors = {}
     for layer in layers:
         count = data.num_data * (positions[layer.name] if kfac_approx is KFACApprox.EXPAND else 1)
@@ -132,6 +134,8 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
         batch_size_fn: ``X -> int`` for inputs that are not a single array.
         check_deterministic: Check that two passes over data and two forward passes agree.
         progressbar: Show a progress bar over batches.
+        distributed: ``data`` is this rank's shard over a ``torch.distributed`` group; the
+            factor statistics are summed over the ranks (one ``all_reduce`` per factor).
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
         batch_size_fn: Any = None,
         check_deterministic: bool = True,
         progressbar: bool = False,
+        distributed: bool = False,
     ) -> None:
         self.fisher_type = parse_option(FisherType, fisher_type, "fisher_type")
         self.kfac_approx = parse_option(KFACApprox, kfac_approx, "kfac_approx")
@@ -157,7 +162,7 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
             raise ValueError(f"uncovered must be one of {_UNCOVERED_CHOICES}, got {uncovered!r}.")
         check_mc_samples(mc_samples)
         self._backend = curvature_backend(model, loss_func, params)
-        data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar)
+        data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar, distributed)
         if check_deterministic:
             data.check_reproducible()
         self.num_data = data.num_data

@@ -144,6 +144,8 @@ class SymmetryCurvature(ParameterSpaceInterface, KroneckerFactored):
         batch_size_fn: ``X -> int`` for inputs that are not a single array.
         check_deterministic: Check that two passes over the data agree.
         progressbar: Show a progress bar over batches.
+        distributed: ``data`` is this rank's shard over a ``torch.distributed`` group; the
+            gradient is summed over the ranks.
 
     """
 
@@ -160,12 +162,18 @@ class SymmetryCurvature(ParameterSpaceInterface, KroneckerFactored):
         batch_size_fn: Any = None,
         check_deterministic: bool = True,
         progressbar: bool = False,
+        distributed: bool = False,
     ) -> None:
         if ema is not None and not 0 <= ema < 1:
             raise ValueError(f"ema must be None or in [0, 1), got {ema!r}.")
+        if ema is not None and distributed:
+            raise ValueError(
+                "ema orders the batches in time, which shards on several ranks do not have; "
+                "use ema=None with distributed=True (the full-data gradient)."
+            )
         self._backend = curvature_backend(model, loss_func, params)
         self._loss = self._backend.loss
-        data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar)
+        data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar, distributed)
         if check_deterministic:
             data.check_reproducible()
         self.num_data = data.num_data
@@ -199,7 +207,7 @@ class SymmetryCurvature(ParameterSpaceInterface, KroneckerFactored):
                     total = (
                         part if total is None else [t + p for t, p in zip(total, part, strict=True)]
                     )
-                weighted = [(1.0, total)]
+                weighted = [(1.0, [data.combine(t) for t in total])]
             else:
                 weighted, count = [], 0
                 for batch in data.batches("gradients"):

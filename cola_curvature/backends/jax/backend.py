@@ -120,6 +120,28 @@ class JaxBackend:
         )
         return self._treedef.flatten_up_to(result)
 
+    def check_process_group(self) -> None:
+        """Raise: ``distributed=True`` is for ``torch.distributed``; JAX shards over devices."""
+        raise NotImplementedError(
+            "distributed=True combines torch.distributed ranks; for JAX, shard each batch over "
+            "a device mesh instead (jax.device_put(batch, NamedSharding(mesh, P('data')))): "
+            "the jit-compiled products then run data-parallel and sum over the devices."
+        )
+
+    def gather_counts(self, count: int) -> list[int]:
+        """Raise (see :meth:`check_process_group`)."""
+        self.check_process_group()
+        return [count]
+
+    def check_same_parameters(self) -> None:
+        """Raise (see :meth:`check_process_group`)."""
+        self.check_process_group()
+
+    def sum_over_processes(self, partial: Array) -> Array:
+        """Raise (see :meth:`check_process_group`)."""
+        self.check_process_group()
+        return partial
+
     def parameter_vector(self) -> Array:
         """Return the parameters as one flat array, in ``ravel_pytree`` order."""
         return jnp.concatenate(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from cola_curvature.backends.torch import kfac, per_example, products
+from cola_curvature.backends.torch import distributed, kfac, per_example, products
 from cola_curvature.backends.torch.losses import as_loss
 from cola_curvature.backends.torch.state import TorchRandom, preserved_global_state
 from cola_curvature.losses import Loss
@@ -120,6 +120,22 @@ class TorchBackend:
             model_fn, self._params, inputs, cotangents
         )
         return self.loss.scale(outputs, num_data) * (gradients**2).sum((0, 1))
+
+    def check_process_group(self) -> None:
+        """Raise unless ``torch.distributed`` is initialised."""
+        distributed.check_process_group()
+
+    def gather_counts(self, count: int) -> list[int]:
+        """Return every rank's ``count``."""
+        return distributed.gather_counts(count)
+
+    def check_same_parameters(self) -> None:
+        """Raise on every rank when the ranks' parameter values differ."""
+        distributed.check_same_parameters(self.parameter_vector())
+
+    def sum_over_processes(self, partial: torch.Tensor) -> torch.Tensor:
+        """Return ``partial`` summed over the ranks (``all_reduce``)."""
+        return distributed.sum_over_processes(partial)
 
     def parameter_vector(self) -> torch.Tensor:
         """Return the parameters' current values, flat and detached."""
