@@ -85,21 +85,50 @@ def _jax_clip_takes_min_max() -> bool:
     return "min" in parameters and "max" in parameters
 
 
-def patch_cola_jax_backend() -> None:
-    """Make CoLA's JAX backend call ``jnp.clip`` with the keywords current JAX accepts.
+def _jax_default_device() -> Any:
+    """Return JAX's default device (the first of ``jax.devices()``)."""
+    import jax
 
-    CoLA 0.0.7 sets ``cola.backends.jax_fns.clip = jnp.clip``, and its Arnoldi (hence
-    GMRES) calls ``xnp.clip(x, a_min=...)``; JAX 0.10 removed those keywords. Done only
-    when JAX is installed (importing CoLA's JAX backend then imports JAX) and its
-    ``jnp.clip`` takes ``min``/``max``; older JAX still accepts ``a_min``/``a_max``.
+    return jax.devices()[0]
+
+
+def _jax_array_device(array: Any) -> Any:
+    """Return the one device holding ``array``, or ``None`` (traced, or sharded over several).
+
+    ``None`` lets ``jnp.arange(..., device=None)`` and friends follow JAX's own placement,
+    which inside ``jit`` is the sharding of the computation.
+    """
+    devices = getattr(array, "devices", None)
+    if devices is None or "Tracer" in type(array).__name__:
+        return None
+    held = devices()
+    return next(iter(held)) if len(held) == 1 else None
+
+
+def patch_cola_jax_backend() -> None:
+    """Fix two places where CoLA's JAX backend breaks on current JAX or several devices.
+
+    * CoLA 0.0.7 sets ``cola.backends.jax_fns.clip = jnp.clip``, and its Arnoldi (hence
+      GMRES) calls ``xnp.clip(x, a_min=...)``; JAX 0.10 removed those keywords. Patched
+      when ``jnp.clip`` takes ``min``/``max`` (older JAX still accepts ``a_min``).
+    * ``jax_fns.get_device`` of a traced array asks ``get_default_device``, which asserts
+      that the host has exactly one device: every jit-compiled product fails on a host
+      with several (``XLA_FLAGS=--xla_force_host_platform_device_count=4``, a multi-GPU
+      node), and a device it did return would pin new arrays inside ``jit`` to one device,
+      against inputs sharded over a mesh. Patched: ``get_device`` gives the device of a
+      single-device array and ``None`` otherwise (JAX then places by the sharding), and
+      ``get_default_device`` gives JAX's default device.
+
+    Done only when JAX is installed (importing CoLA's JAX backend imports JAX).
     """
     if find_spec("jax") is None:
         return
-    if not _jax_clip_takes_min_max():
-        return
     from cola.backends import jax_fns
 
-    jax_fns.clip = _jax_clip
+    jax_fns.get_default_device = _jax_default_device
+    jax_fns.get_device = _jax_array_device
+    if _jax_clip_takes_min_max():
+        jax_fns.clip = _jax_clip
 
 
 check_environment()

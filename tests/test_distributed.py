@@ -1,5 +1,7 @@
 """Data-parallel operators on 2 gloo ranks give what one process gives on the whole data."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +91,19 @@ def test_distributed_without_a_process_group_says_how_to_start_one():
     model, loss_func, params, data = build_problem()
     with pytest.raises(RuntimeError, match="init_process_group"):
         cc.GGN(model, loss_func, params, data, distributed=True)
+
+
+def test_jax_batches_sharded_over_four_host_devices_give_the_same_products():
+    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    completed = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent / "jax_mesh_worker.py")],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4
+    for name, error in report["errors"].items():
+        assert error < 1e-12, (name, error)
