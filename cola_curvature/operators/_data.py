@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from cola_curvature._checks import check_data, count_examples, resolve_num_data
 from cola_curvature.backends import CurvatureBackend

@@ -61,8 +61,11 @@ class KroneckerBlock(Kronecker):
         return xnp.diag(self.output_factor).sum() * xnp.diag(self.input_factor).sum()
 
     def scaled(self, factor: Array) -> KroneckerBlock:
-        """Return ``(c G) ⊗ A``, sharing ``A``."""
-        return KroneckerBlock(factor * self.output_factor, self.input_factor)
+        """Return ``(c G) ⊗ A``, sharing ``A`` and, once computed, the eigenbasis."""
+        block = KroneckerBlock(factor * self.output_factor, self.input_factor)
+        if "eigen" in self._cache:
+            block._cache["eigen"] = self._cache["eigen"].scaled(factor)
+        return block
 
     def heuristically_damped(self, damping: float) -> KroneckerBlock:
         """Return ``(G + √λ/π I) ⊗ (A + π√λ I)``, ``π = √((tr A / dim A) / (tr G / dim G))``.
@@ -124,8 +127,17 @@ class EigenKronecker(LinearOperator):
         return self.eigenvalues.reshape(-1)
 
     def _matmat(self, X: Array) -> Array:
-        """Return the block times ``X`` through ``Q_G (S ⊙ (Q_Gᵀ X Q_A)) Q_Aᵀ`` per column."""
+        """Return the block times ``X`` through ``Q_G (S ⊙ (Q_Gᵀ X Q_A)) Q_Aᵀ`` per column.
+
+        A block with a ``1 × 1`` factor (a dense block, a bias) is one matrix product.
+        """
         out, inp = self.eigenvalues.shape
+        if inp == 1:
+            scale = self.q_in[0, 0] ** 2
+            return self.q_out @ ((scale * self.eigenvalues) * (self.q_out.T @ X))
+        if out == 1:
+            scale = self.q_out[0, 0] ** 2
+            return self.q_in @ ((scale * self.eigenvalues.T) * (self.q_in.T @ X))
         columns = X.T.reshape(X.shape[1], out, inp)
         rotated = self.q_out.T @ columns @ self.q_in
         result = self.q_out @ (self.eigenvalues * rotated) @ self.q_in.T
