@@ -29,6 +29,15 @@ Array = Any
 CURVATURES = ("kfac", "ekfac", "diag", "full", "ggn", "lowrank")
 
 
+def _all_positive(value: Any) -> bool:
+    """Return whether a number, or every entry of an array or sequence, is ``> 0``."""
+    if isinstance(value, (int, float)):
+        return value > 0
+    if isinstance(value, (list, tuple)):
+        return all(_all_positive(v) for v in value)
+    return bool((value > 0).all())
+
+
 class Laplace:
     r"""Laplace posterior ``q(θ) = N(θ*, P⁻¹)`` around a MAP estimate ``θ*`` (MacKay, 1992).
 
@@ -63,7 +72,9 @@ class Laplace:
         data: The training data, a re-iterable of ``(X, y)`` batches.
         curvature: ``"kfac"``, ``"ekfac"``, ``"diag"``, ``"full"``, ``"ggn"`` or a
             ``KroneckerFactored`` operator.
-        prior_precision: ``δ > 0``.
+        prior_precision: ``δ > 0``, or one value per block of a Kronecker-factored
+            curvature (a per-layer prior ``⊕_b δ_b I``: KFAC and EKFAC have one block per
+            layer, weight and bias together); :meth:`optimize_prior_precision` tunes each.
         sigma_noise: ``σ > 0``, observation noise of regression (must be 1 otherwise).
         temperature: ``T > 0``; ``T < 1`` sharpens the likelihood.
         slq: The quadrature of ``logdet`` for ``"ggn"`` (default ``cc.SLQ()``).
@@ -96,7 +107,7 @@ class Laplace:
             ("sigma_noise", sigma_noise),
             ("temperature", temperature),
         ]:
-            if not value > 0:
+            if not _all_positive(value):
                 raise ValueError(f"{name} must be positive, got {value}.")
         self._backend = backend
         self._loss = loss
@@ -114,6 +125,7 @@ class Laplace:
         self.prior_precision = xnp.array(
             prior_precision, dtype=self.curvature.dtype, device=self.curvature.device
         )
+        self._check_prior_shape(self.prior_precision)
         self.sigma_noise = xnp.array(
             sigma_noise, dtype=self.curvature.dtype, device=self.curvature.device
         )
@@ -189,12 +201,43 @@ class Laplace:
             ValueError: when a given value is known to be ``≤ 0``.
         """
         for name, value in [("prior_precision", prior_precision), ("sigma_noise", sigma_noise)]:
-            if value is not None and not is_traced(value) and not bool(value > 0):
+            if value is not None and not is_traced(value) and not _all_positive(value):
                 raise ValueError(f"{name} must be positive, got {value}.")
         return (
             self.prior_precision if prior_precision is None else prior_precision,
             self.sigma_noise if sigma_noise is None else sigma_noise,
         )
+
+    def _check_prior_shape(self, delta: Array) -> None:
+        """Raise unless ``δ`` is a scalar, or one value per block of a Kronecker curvature."""
+        if getattr(delta, "ndim", 0) == 0:
+            return
+        blocks = getattr(self.curvature, "blocks", None)
+        if not isinstance(self.curvature, KroneckerFactored) or delta.shape != (len(blocks),):
+            count = f"{len(blocks)} blocks" if blocks is not None else "no blocks"
+            raise ValueError(
+                f"prior_precision has shape {tuple(delta.shape)}; a per-layer prior needs a "
+                f"Kronecker-factored curvature ('kfac', 'ekfac': one block per layer) and one "
+                f"value per block (this curvature has {count})."
+            )
+
+    def _block_sizes(self) -> list[int]:
+        """Return the sizes of the curvature's blocks (block order)."""
+        return [block.shape[0] for block in self.curvature.blocks]
+
+    def _prior_terms(self, delta: Array) -> tuple[Array, Array]:
+        """Return ``Σ_b δ_b ‖θ*_b‖²`` and ``log det(prior) = Σ_b n_b log δ_b``."""
+        xnp = self.curvature.xnp
+        if getattr(delta, "ndim", 0) == 0:
+            scatter = delta * (self._mean**2).sum()
+            return scatter, self._mean.shape[0] * xnp.log(delta + 0 * scatter)
+        in_blocks = self._mean[self.curvature.permutation]
+        scatter, log_det, start = 0, 0, 0
+        for value, size in zip(delta, self._block_sizes(), strict=True):
+            scatter = scatter + value * (in_blocks[start : start + size] ** 2).sum()
+            log_det = log_det + size * xnp.log(value)
+            start += size
+        return scatter, log_det
 
     @property
     def matrix_free(self) -> bool:
@@ -209,7 +252,11 @@ class Laplace:
         if self.matrix_free:
             scale = self._nll_scale / (sigma**2 * self.temperature)
             return ShiftedCurvature(self.curvature, delta, scale)
-        return self.curvature.scaled(1 / (sigma**2 * self.temperature)).damped(delta)
+        scaled = self.curvature.scaled(1 / (sigma**2 * self.temperature))
+        if getattr(delta, "ndim", 0) == 0:
+            return scaled.damped(delta)
+        self._check_prior_shape(delta)
+        return scaled.damped_per_block(delta)
 
     def log_det_posterior_precision(
         self, prior_precision: Any = None, sigma_noise: Any = None
@@ -247,10 +294,7 @@ class Laplace:
         (pass tensors that require grad, or JAX arrays under ``jax.grad``).
         """
         delta, sigma = self._resolve(prior_precision, sigma_noise)
-        xnp = self.curvature.xnp
-        dimension = self._mean.shape[0]
-        scatter = delta * (self._mean**2).sum()
-        log_prior_det = dimension * xnp.log(delta + 0 * scatter)
+        scatter, log_prior_det = self._prior_terms(delta)
         log_posterior_det = self.log_det_posterior_precision(delta, sigma)
         return (
             self.log_likelihood(sigma)

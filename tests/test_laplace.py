@@ -202,3 +202,32 @@ def test_matrix_free_ggn_posterior_matches_the_full_one(problem):
     assert abs(delta.grad - numeric) < 1e-6 * abs(numeric)
     with pytest.raises(NotImplementedError, match="P\\^\\{-1/2\\}"):
         ggn.sample(2)
+
+
+def test_per_layer_prior_precision_matches_the_dense_evidence_and_is_tuned():
+    model, loss_func, params, data = classification_problem()
+    laplace = cc.Laplace(
+        model, loss_func, params, data, curvature="kfac", prior_precision=[0.5, 3.0]
+    )
+    H = laplace.curvature.to_dense()
+    # KFAC's blocks are the layers, weight and bias together: 2·5 + 5 and 5·3 + 3 entries
+    prior = torch.cat([torch.full((15,), 0.5), torch.full((18,), 3.0)]).to(F64)
+    theta = torch.cat([p.detach().flatten() for p in params])
+    X, Y = torch.cat([x for x, _ in data]), torch.cat([t for _, t in data])
+    with torch.no_grad():
+        nll = nn.functional.cross_entropy(model(X), Y, reduction="sum")
+    expected = (
+        -nll
+        - 0.5 * (prior * theta**2).sum()
+        + 0.5 * prior.log().sum()
+        - 0.5 * torch.logdet(H + torch.diag(prior))
+    )
+    assert abs(laplace.log_marginal_likelihood() - expected) < 1e-10 * abs(expected)
+    before = laplace.log_marginal_likelihood()
+    laplace.optimize_prior_precision(steps=30)
+    assert laplace.prior_precision.shape == (2,)
+    assert laplace.log_marginal_likelihood() > before
+    with pytest.raises(ValueError, match="one value per block"):
+        cc.Laplace(model, loss_func, params, data, curvature="kfac", prior_precision=[1.0] * 3)
+    with pytest.raises(ValueError, match="Kronecker-factored"):
+        cc.Laplace(model, loss_func, params, data, curvature="ggn", prior_precision=[1.0, 2.0])

@@ -206,6 +206,18 @@ class KroneckerFactored(BlockDiag):
             )
         return self.with_blocks([block.heuristically_damped(damping) for block in self.blocks])
 
+    def damped_per_block(self, dampings: Array) -> KroneckerFactored:
+        """Return ``K + ⊕_b λ_b I``: block ``b`` damped exactly by its own ``λ_b``."""
+        if len(dampings) != len(self.blocks):
+            raise ValueError(
+                f"need {len(self.blocks)} dampings, one per block; got {len(dampings)}."
+            )
+        blocks = [
+            block.map_spectrum(lambda s, damping=damping: s + damping)
+            for block, damping in zip(self.blocks, dampings, strict=True)
+        ]
+        return self.with_blocks(blocks)
+
     def scaled(self, factor: Array) -> KroneckerFactored:
         """Return ``c K`` with every block scaled (``c`` may be a differentiable scalar)."""
         annotations = set(self.annotations) if known_nonnegative(factor) else set()
