@@ -23,10 +23,11 @@ from cola_curvature.operators.kfac import KFAC
 from cola_curvature.operators.kronecker import KroneckerBlock, KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
+from cola_curvature.operators.symmetry import SymmetryCurvature
 
 Array = Any
 
-CURVATURES = ("kfac", "ekfac", "diag", "full", "ggn", "lowrank")
+CURVATURES = ("kfac", "ekfac", "diag", "full", "ggn", "lowrank", "symmetry")
 
 
 def _all_positive(value: Any) -> bool:
@@ -62,6 +63,11 @@ class Laplace:
     eigenpairs of the GGN (Lanczos) and ``d`` the rest of its exact diagonal (clipped at 0),
     a :class:`~cola_curvature.DiagonalPlusLowRank`: inverse by Woodbury, logdet by
     Sylvester's identity and samples through an exact factor, all ``O(D k²)``.
+    ``"symmetry"``: the outer product of the gradient of the summed NLL at ``θ*``, averaged
+    over the weight-space symmetries ``symmetry_groups``
+    (:class:`~cola_curvature.SymmetryCurvature`) — a curvature proxy from one gradient;
+    at an exact optimum of the likelihood alone that gradient vanishes, so it is
+    informative only where the prior keeps ``θ*`` away from it.
 
     Args:
         model: The trained model (``θ*`` = the current values of ``params``).
@@ -79,6 +85,8 @@ class Laplace:
         temperature: ``T > 0``; ``T < 1`` sharpens the likelihood.
         slq: The quadrature of ``logdet`` for ``"ggn"`` (default ``cc.SLQ()``).
         rank: ``k`` of ``"lowrank"``.
+        symmetry_groups: ``groups`` of :class:`~cola_curvature.SymmetryCurvature` for
+            ``"symmetry"``.
         distributed: ``data`` is this rank's shard over a ``torch.distributed`` group; the
             curvature, the likelihood and the output count are summed over the ranks.
     """
@@ -95,6 +103,7 @@ class Laplace:
         temperature: float = 1.0,
         slq: SLQ | None = None,
         rank: int = 10,
+        symmetry_groups: Any = "orthogonal-rows",
         distributed: bool = False,
     ) -> None:
         backend = curvature_backend(model, loss_func, params)
@@ -119,6 +128,7 @@ class Laplace:
         self._slq = slq or SLQ()
         self._quadrature: SpectralQuadrature | None = None
         self._rank = rank
+        self._symmetry_groups = symmetry_groups
         self.distributed = distributed
         self.curvature = self._build_curvature(model, params, data, curvature)
         xnp = self.curvature.xnp
@@ -151,6 +161,17 @@ class Laplace:
         nll_scale = self._nll_scale
         if curvature == "ggn":
             return GGN(model, self._loss, params, data, distributed=self.distributed)
+        if curvature == "symmetry":
+            # ∇ NLL = (NLL scale) ∇ loss, so the averaged outer product scales by its square
+            symmetric = SymmetryCurvature(
+                model,
+                self._loss,
+                params,
+                data,
+                groups=self._symmetry_groups,
+                distributed=self.distributed,
+            )
+            return symmetric.scaled(nll_scale**2)
         if curvature == "lowrank":
             return self._low_rank_curvature(model, params, data).scaled(nll_scale)
         if curvature == "full":

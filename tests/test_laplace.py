@@ -231,3 +231,24 @@ def test_per_layer_prior_precision_matches_the_dense_evidence_and_is_tuned():
         cc.Laplace(model, loss_func, params, data, curvature="kfac", prior_precision=[1.0] * 3)
     with pytest.raises(ValueError, match="Kronecker-factored"):
         cc.Laplace(model, loss_func, params, data, curvature="ggn", prior_precision=[1.0, 2.0])
+
+
+def test_symmetry_curvature_posterior_matches_the_dense_formulas():
+    model, loss_func, params, data = regression_problem()
+    laplace = cc.Laplace(
+        model,
+        loss_func,
+        params,
+        data,
+        curvature="symmetry",
+        prior_precision=2.0,
+        sigma_noise=0.4,
+        symmetry_groups="permutation-rows",
+    )
+    direct = cc.SymmetryCurvature(
+        model, nn.MSELoss(reduction="sum"), params, data, groups="permutation-rows"
+    )
+    H = laplace.curvature.to_dense()
+    assert torch.allclose(H, 0.25 * direct.to_dense(), rtol=1e-12, atol=1e-14)
+    expected, _ = dense_evidence(model, loss_func, params, data, H, 2.0, 0.4, True)
+    assert abs(laplace.log_marginal_likelihood() - expected) < 1e-10 * abs(expected)
