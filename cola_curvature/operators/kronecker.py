@@ -61,10 +61,13 @@ class KroneckerBlock(Kronecker):
         return xnp.diag(self.output_factor).sum() * xnp.diag(self.input_factor).sum()
 
     def scaled(self, factor: Array) -> KroneckerBlock:
-        """Return ``(c G) ⊗ A``, sharing ``A`` and, once computed, the eigenbasis."""
+        """Return ``(c G) ⊗ A``, sharing ``A`` and the eigenbasis (computed once, here).
+
+        The eigenvalues are scaled, not recomputed: a posterior ``H / σ² + δ I`` evaluated
+        for many ``(σ, δ)`` decomposes ``H``'s factors once.
+        """
         block = KroneckerBlock(factor * self.output_factor, self.input_factor)
-        if "eigen" in self._cache:
-            block._cache["eigen"] = self._cache["eigen"].scaled(factor)
+        block._cache["eigen"] = self.eigen().scaled(factor)
         return block
 
     def heuristically_damped(self, damping: float) -> KroneckerBlock:
