@@ -252,3 +252,26 @@ def test_symmetry_curvature_posterior_matches_the_dense_formulas():
     assert torch.allclose(H, 0.25 * direct.to_dense(), rtol=1e-12, atol=1e-14)
     expected, _ = dense_evidence(model, loss_func, params, data, H, 2.0, 0.4, True)
     assert abs(laplace.log_marginal_likelihood() - expected) < 1e-10 * abs(expected)
+
+
+@pytest.mark.parametrize(
+    ("problem", "curvature", "prior"),
+    [
+        (regression_problem, "kfac", 2.0),
+        (regression_problem, "full", 0.7),
+        (classification_problem, "ekfac", [0.5, 3.0]),
+    ],
+    ids=["regression-kfac", "regression-full", "classification-per-layer"],
+)
+def test_closed_form_evidence_gradient_equals_autograd(problem, curvature, prior):
+    model, loss_func, params, data = problem()
+    regression = isinstance(loss_func, nn.MSELoss)
+    laplace = cc.Laplace(model, loss_func, params, data, curvature=curvature, prior_precision=prior)
+    log_delta = torch.tensor(prior, dtype=F64).log().requires_grad_(True)
+    log_sigma = torch.tensor(0.4 if regression else 1.0, dtype=F64).log().requires_grad_(True)
+    evidence = laplace.log_marginal_likelihood(log_delta.exp(), log_sigma.exp())
+    expected = torch.autograd.grad(evidence, [log_delta, log_sigma], allow_unused=True)
+    closed = laplace.evidence_gradient(log_delta.exp().detach(), log_sigma.exp().detach())
+    assert torch.allclose(closed[0], expected[0], rtol=1e-10, atol=1e-12)
+    if regression:
+        assert torch.allclose(closed[1], expected[1], rtol=1e-10, atol=1e-12)
