@@ -16,6 +16,7 @@ from cola_curvature.algorithms import SLQ
 from cola_curvature.backends import curvature_backend
 from cola_curvature.estimators import SpectralQuadrature
 from cola_curvature.losses import MSE, BCEWithLogits, Reduction
+from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators.diagonal import DiagonalCurvature
 from cola_curvature.operators.ekfac import EKFAC
 from cola_curvature.operators.ggn import GGN
@@ -52,7 +53,8 @@ class Laplace:
     Curvatures: ``"kfac"`` and ``"ekfac"`` (type-2 statistics), ``"diag"`` (the exact
     diagonal of the GGN, :class:`~cola_curvature.DiagonalCurvature`), ``"full"`` (the exact GGN
     as one dense block, ``O(D²)`` memory and ``D`` GGN products to build: small models
-    only), or any :class:`~cola_curvature.KroneckerFactored` operator the user built for
+    only), any PSD matrix-free operator (treated like ``"ggn"``), or any
+    :class:`~cola_curvature.KroneckerFactored` operator the user built for
     the same ``params`` on the summed unit-variance NLL. ``"ggn"`` keeps the exact GGN
     matrix-free: ``P = c G + δ I`` is a :class:`~cola_curvature.ShiftedCurvature`,
     predictives solve with CG, and ``logdet P`` is *stochastic*: one stochastic Lanczos
@@ -76,8 +78,9 @@ class Laplace:
             reduction is ignored (the Laplace evidence needs the summed likelihood).
         params: The parameters the posterior is over.
         data: The training data, a re-iterable of ``(X, y)`` batches.
-        curvature: ``"kfac"``, ``"ekfac"``, ``"diag"``, ``"full"``, ``"ggn"`` or a
-            ``KroneckerFactored`` operator.
+        curvature: ``"kfac"``, ``"ekfac"``, ``"diag"``, ``"full"``, ``"ggn"``,
+            ``"lowrank"``, ``"symmetry"``, a ``KroneckerFactored`` operator, or a PSD
+            matrix-free operator (e.g. ``cc.FisherMC`` of the summed NLL), used as ``H``.
         prior_precision: ``δ > 0``, or one value per block of a Kronecker-factored
             curvature (a per-layer prior ``⊕_b δ_b I``: KFAC and EKFAC have one block per
             layer, weight and bias together); :meth:`optimize_prior_precision` tunes each.
@@ -97,7 +100,7 @@ class Laplace:
         loss_func: Any,
         params: Any,
         data: Iterable[tuple[Any, Any]],
-        curvature: str | KroneckerFactored = "kfac",
+        curvature: str | KroneckerFactored | CurvatureOperator = "kfac",
         prior_precision: float = 1.0,
         sigma_noise: float = 1.0,
         temperature: float = 1.0,
@@ -125,6 +128,9 @@ class Laplace:
         self.temperature = temperature
         # MSELoss('sum') is Σ (f - y)², twice the unit-variance Gaussian NLL.
         self._nll_scale = 0.5 if self.regression else 1.0
+        # matrix-free curvatures keep their own scaling: the GGN of the loss for "ggn",
+        # a user's operator as given (already of the unit-variance NLL)
+        self._matrix_free_scale = self._nll_scale if curvature == "ggn" else 1.0
         self._slq = slq or SLQ()
         self._quadrature: SpectralQuadrature | None = None
         self._spectrum: list[Array] | None = None
@@ -146,13 +152,18 @@ class Laplace:
 
     def _build_curvature(
         self, model: Any, params: Any, data: Any, curvature: str | KroneckerFactored
-    ) -> KroneckerFactored | GGN:
+    ) -> KroneckerFactored | CurvatureOperator:
         """Return ``H``: the GGN of the summed unit-variance NLL (``"ggn"``: of the loss)."""
-        if isinstance(curvature, KroneckerFactored):
+        if isinstance(curvature, (KroneckerFactored, CurvatureOperator)):
             if curvature.shape[0] != self._backend.num_params:
                 raise ValueError(
                     f"curvature has shape {curvature.shape}; params have "
                     f"{self._backend.num_params} entries."
+                )
+            if isinstance(curvature, CurvatureOperator) and not curvature.isa(PSD):
+                raise ValueError(
+                    f"a matrix-free curvature must be PSD (GGN, FisherMC, EmpiricalFisher); "
+                    f"{type(curvature).__name__} is not, and log det P would be undefined."
                 )
             return curvature
         if curvature not in CURVATURES:
@@ -264,8 +275,8 @@ class Laplace:
 
     @property
     def matrix_free(self) -> bool:
-        """Whether the curvature is the matrix-free GGN (``curvature="ggn"``)."""
-        return isinstance(self.curvature, GGN)
+        """Whether the curvature is matrix-free (``"ggn"``, or an operator such as a Fisher)."""
+        return isinstance(self.curvature, CurvatureOperator)
 
     def posterior_precision(
         self, prior_precision: Any = None, sigma_noise: Any = None
@@ -273,7 +284,7 @@ class Laplace:
         """Return ``P = H / (σ² T) + δ I``, Kronecker-factored or (``"ggn"``) shifted."""
         delta, sigma = self._resolve(prior_precision, sigma_noise)
         if self.matrix_free:
-            scale = self._nll_scale / (sigma**2 * self.temperature)
+            scale = self._matrix_free_scale / (sigma**2 * self.temperature)
             return ShiftedCurvature(self.curvature, delta, scale)
         scaled = self.curvature.scaled(1 / (sigma**2 * self.temperature))
         if getattr(delta, "ndim", 0) == 0:
@@ -308,7 +319,7 @@ class Laplace:
         if self._quadrature is None:
             self._quadrature = SpectralQuadrature.of(self.curvature, self._slq)
         xnp = self.curvature.xnp
-        scale = self._nll_scale / (sigma**2 * self.temperature)
+        scale = self._matrix_free_scale / (sigma**2 * self.temperature)
         return self._quadrature.trace(lambda nodes: xnp.log(scale * nodes + delta), xnp)
 
     def log_likelihood(self, sigma_noise: Any = None) -> Array:
@@ -349,6 +360,7 @@ class Laplace:
         lr: float = 0.1,
         sigma_noise: bool | None = None,
         progressbar: bool | None = None,
+        method: str = "marglik",
     ) -> None:
         """Maximise the marginal likelihood over ``log δ`` (and ``log σ`` for regression).
 
@@ -359,6 +371,8 @@ class Laplace:
         ``progressbar``: ``None`` shows one on a terminal only. Updates
         :attr:`prior_precision` and :attr:`sigma_noise`.
         """
+        if method != "marglik":
+            raise ValueError(f"method must be 'marglik' (the only one offered), got {method!r}.")
         tune_sigma = self.regression if sigma_noise is None else sigma_noise
         xnp = self.curvature.xnp
         variables = [xnp.log(self.prior_precision), xnp.log(self.sigma_noise)]

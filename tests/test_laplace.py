@@ -275,3 +275,22 @@ def test_closed_form_evidence_gradient_equals_autograd(problem, curvature, prior
     assert torch.allclose(closed[0], expected[0], rtol=1e-10, atol=1e-12)
     if regression:
         assert torch.allclose(closed[1], expected[1], rtol=1e-10, atol=1e-12)
+
+
+def test_a_user_built_matrix_free_curvature_is_used_as_given():
+    model, loss_func, params, data = classification_problem()
+    fisher = cc.FisherMC(model, nn.CrossEntropyLoss(reduction="sum"), params, data, mc_samples=3)
+    D = fisher.shape[0]
+    slq = cc.SLQ(num_probes=3, num_steps=D, seed=2)
+    laplace = cc.Laplace(model, loss_func, params, data, curvature=fisher, slq=slq)
+    P = fisher @ torch.eye(D, dtype=F64) + torch.eye(D, dtype=F64)
+    eigenvalues, U = torch.linalg.eigh(P)
+    Z = rademacher(laplace.posterior_precision(), 3, 2)
+    expected = torch.einsum("ij,ik,kj->", Z, (U * eigenvalues.log()) @ U.T, Z) / 3
+    assert abs(laplace.log_det_posterior_precision() - expected) < 1e-9 * abs(expected)
+    with pytest.raises(ValueError, match="must be PSD"):
+        cc.Laplace(
+            model, loss_func, params, data, curvature=cc.Hessian(model, loss_func, params, data)
+        )
+    with pytest.raises(ValueError, match="method must be 'marglik'"):
+        laplace.optimize_prior_precision(steps=1, method="gridsearch")
