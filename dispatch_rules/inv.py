@@ -5,9 +5,11 @@ from __future__ import annotations
 from cola.annotations import PSD
 from cola.linalg import CG as ColaCG
 from cola.linalg import Algorithm, Auto
+from cola.ops import LinearOperator
 from plum import dispatch
 
 from cola_curvature.algorithms import CG, MINRES, Neumann
+from cola_curvature.matfree.solvers import IterativeInverse
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import CurvatureInverse, MatrixFreeCurvature
@@ -76,3 +78,14 @@ def inv(A: MatrixFreeCurvature, alg: ColaCG):  # noqa: F811
 def inv(A: DiagonalPlusLowRank, alg: Algorithm):  # noqa: F811
     """Return the exact inverse, again a diagonal plus a rank-``k`` term; ``alg`` is not used."""
     return A.inverse()
+
+
+# A⁻¹ B by our solvers on any other symmetric CoLA operator (a Sum of two KFACs, ...)
+@dispatch(precedence=-1)
+def inv(A: LinearOperator, alg: CG | MINRES | Neumann):  # noqa: F811
+    """Return ``A⁻¹`` as an operator whose ``@`` runs ``alg`` (``A`` must be symmetric).
+
+    Structured operators CoLA inverts exactly (identity, diagonal, block-diagonal, ...)
+    keep their exact rules; these come first.
+    """
+    return IterativeInverse(A, alg)

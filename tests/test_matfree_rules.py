@@ -293,3 +293,16 @@ def test_sketching_estimators_beat_hutchinson_on_a_low_rank_ggn():
     assert median_error(cc.XTrace) < 1e-10 * exact.trace()  # 12 test vectors > rank
     diagonal = cola.linalg.diag(operator, alg=cc.XDiag(num_matvecs=24))
     assert (diagonal - exact.diagonal()).abs().max() < 1e-10 * exact.diagonal().abs().max()
+
+
+def test_our_solvers_run_on_any_symmetric_cola_operator(problem, dense):
+    # a Sum of two curvatures has no structured rule: cc.CG solves it matrix-free
+    operator = build("ggn", problem)
+    kfac = cc.KFAC(*problem)
+    total = kfac + operator + 0.5 * cola.ops.I_like(operator)
+    inverse = cola.linalg.inv(total, alg=cc.CG(tol=1e-11, max_iters=500))
+    b = torch.randn(operator.shape[0], 2, dtype=F64)
+    expected = torch.linalg.solve(kfac.to_dense() + shifted_dense(dense["ggn"], 0.5), b)
+    assert relative_error(inverse @ b, expected) < SOLVE_RTOL
+    diagonal = cola.ops.Diagonal(torch.rand(5, dtype=F64) + 1)
+    assert isinstance(cola.linalg.inv(diagonal, alg=cc.CG()), cola.ops.Diagonal)  # exact rule
