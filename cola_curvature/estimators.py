@@ -349,8 +349,10 @@ def log_spectral_density(
 
     The same quadrature as :func:`spectral_density`, with nodes mapped to
     ``u = log10 max(|θ|, floor)`` (``floor`` default: ``10⁻¹² max|θ|``, so exact zeros
-    of a rank-deficient GGN land at the left end) and smoothed in ``u``; the grid and
-    ``σ`` are in decades. Negative and positive eigenvalues of equal magnitude coincide.
+    land at the left end) and smoothed in ``u``; the grid and ``σ`` are in decades.
+    Negative and positive eigenvalues of equal magnitude coincide. A few Lanczos steps
+    resolve the large eigenvalues; a cluster of tiny ones spread over many decades comes
+    back as one or two nodes inside it, with the right mass but not the right spread.
     """
     nodes, weights = _quadrature_nodes(A, num_runs, num_steps, seed)
     magnitudes = np.abs(nodes)
