@@ -17,10 +17,23 @@ from cola.linalg import Algorithm
 ON_FAILURE = ("warn", "raise")
 
 
+def _is_integer_at_least(value: object, minimum: int) -> bool:
+    """Return whether ``value`` is an ``int`` (not a ``bool``) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _check_positive(name: str, value: int) -> None:
     """Raise ``ValueError`` unless ``value`` is a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_integer_at_least(value, 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_budget(method: str, num_matvecs: int, minimum: int) -> None:
+    """Raise ``ValueError`` unless ``method`` gets an integer budget of at least ``minimum``."""
+    if not _is_integer_at_least(num_matvecs, minimum):
+        raise ValueError(
+            f"{method} needs an integer num_matvecs >= {minimum}, got {num_matvecs!r}."
+        )
 
 
 def _check_solver(tol: float, max_iters: int, on_failure: str) -> None:
@@ -33,21 +46,8 @@ def _check_solver(tol: float, max_iters: int, on_failure: str) -> None:
 
 
 @dataclass(frozen=True)
-class CG(Algorithm):
-    """Conjugate gradients for ``A x = b`` with ``A`` symmetric positive definite.
-
-    Stops a column when ``‖b − A x‖ ≤ tol ‖b‖`` (recursively updated residual); all
-    columns of ``B`` are solved together, one product with ``A`` per iteration.
-
-    Args:
-        tol: Relative residual at which a column has converged.
-        max_iters: Iterations (products with ``A``) at most.
-        on_failure: ``"warn"`` (a :class:`~cola_curvature.solvers.ConvergenceWarning`
-            naming the residual reached) or ``"raise"`` (a
-            :class:`~cola_curvature.solvers.ConvergenceError`) when a column has not
-            converged after ``max_iters`` iterations.
-
-    """
+class _KrylovSolver(Algorithm):
+    """The knobs CG and MINRES share: tolerance, iteration limit, what failure does."""
 
     tol: float = 1e-10
     max_iters: int = 1000
@@ -58,19 +58,30 @@ class CG(Algorithm):
 
 
 @dataclass(frozen=True)
-class MINRES(Algorithm):
+class CG(_KrylovSolver):
+    """Conjugate gradients for ``A x = b`` with ``A`` symmetric positive definite.
+
+    Stops a column when ``‖b − A x‖ ≤ tol ‖b‖`` (recursively updated residual); all
+    columns of ``B`` are solved together, one product with ``A`` per iteration.
+
+    Args:
+        tol: Relative residual at which a column has converged.
+        max_iters: Iterations (products with ``A``) at most.
+        on_failure: ``"warn"`` (a :class:`~cola_curvature.ConvergenceWarning`
+            naming the residual reached) or ``"raise"`` (a
+            :class:`~cola_curvature.ConvergenceError`) when a column has not
+            converged after ``max_iters`` iterations.
+
+    """
+
+
+@dataclass(frozen=True)
+class MINRES(_KrylovSolver):
     """MINRES (Paige & Saunders 1975) for ``A x = b`` with ``A`` symmetric, possibly indefinite.
 
     Minimises ``‖b − A x‖`` over the Krylov space; the residual norm it tracks is the
     stopping criterion ``‖b − A x‖ ≤ tol ‖b‖``. Knobs as in :class:`CG`.
     """
-
-    tol: float = 1e-10
-    max_iters: int = 1000
-    on_failure: str = "warn"
-
-    def __post_init__(self) -> None:
-        _check_solver(self.tol, self.max_iters, self.on_failure)
 
 
 @dataclass(frozen=True)
@@ -155,10 +166,7 @@ class HutchPlusPlus(Algorithm):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_matvecs, bool) or not isinstance(self.num_matvecs, int):
-            raise ValueError(f"num_matvecs must be an integer, got {self.num_matvecs!r}.")
-        if self.num_matvecs < 3:
-            raise ValueError(f"Hutch++ needs num_matvecs >= 3, got {self.num_matvecs}.")
+        _check_budget("Hutch++", self.num_matvecs, 3)
 
 
 @dataclass(frozen=True)
@@ -175,10 +183,7 @@ class XTrace(Algorithm):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_matvecs, bool) or not isinstance(self.num_matvecs, int):
-            raise ValueError(f"num_matvecs must be an integer, got {self.num_matvecs!r}.")
-        if self.num_matvecs < 4:
-            raise ValueError(f"XTrace/XDiag needs num_matvecs >= 4, got {self.num_matvecs}.")
+        _check_budget("XTrace/XDiag", self.num_matvecs, 4)
 
 
 #: XDiag is XTrace's exchangeable construction applied to the diagonal.

@@ -62,11 +62,6 @@ def frobenius_norm_squared(A: LinearOperator, alg: Hutchinson | None = None) -> 
     return A.xnp.sum((A @ Z) ** 2, axis=(0, 1)) / alg.num_matvecs
 
 
-def _orthonormal_range(Y: Array, xnp: Any) -> tuple[Array, Array]:
-    """Return the thin QR factors ``(Q, R)`` of ``Y``."""
-    return xnp.qr(Y, full_matrices=False)
-
-
 def hutchpp_trace(A: LinearOperator, alg: HutchPlusPlus | None = None) -> Array:
     """Return the Hutch++ estimate ``tr(QᵀAQ) + (1/g) Σ_j g̃_jᵀ A g̃_j``, ``g̃ = (I − QQᵀ) g``.
 
@@ -81,7 +76,7 @@ def hutchpp_trace(A: LinearOperator, alg: HutchPlusPlus | None = None) -> Array:
     probes = alg.num_matvecs - 2 * sketch_size
     S = rademacher(A, sketch_size + probes, alg.seed)
     G, S = S[:, sketch_size:], S[:, :sketch_size]
-    Q, _ = _orthonormal_range(A @ S, xnp)
+    Q, _ = xnp.qr(A @ S, full_matrices=False)
     estimate = xnp.sum(Q * (A @ Q), axis=(0, 1))
     if probes == 0:
         return estimate
@@ -112,7 +107,7 @@ def _exchangeable_sketch(A: LinearOperator, alg: XTrace) -> _ExchangeableSketch:
     num_vectors = min(alg.num_matvecs // 2, A.shape[0])
     omega = rademacher(A, num_vectors, alg.seed)
     Y = A @ omega
-    Q, R = _orthonormal_range(Y, xnp)
+    Q, R = xnp.qr(Y, full_matrices=False)
     R_inverse_t = xnp.inv(R).T
     S = R_inverse_t / xnp.norm(R_inverse_t, axis=0, keepdims=True)
     return _ExchangeableSketch(omega, Y, Q, R, S, A @ Q)
@@ -237,11 +232,10 @@ def slq_slogdet(A: LinearOperator, alg: SLQ | None = None) -> tuple[Array, Array
     """
     xnp = A.xnp
     quadrature = SpectralQuadrature.of(A, alg or SLQ())
-    log_abs = quadrature.per_probe(lambda x: xnp.log(xnp.abs(x)), xnp)
-    negatives = quadrature.per_probe(lambda x: (x < 0) * (1 + 0 * x), xnp)
-    log_abs = xnp.mean(log_abs)
+    log_abs = xnp.mean(quadrature.per_probe(lambda x: xnp.log(xnp.abs(x)), xnp))
     if A.isa(PSD):
         return 1 + 0 * log_abs, log_abs
+    negatives = quadrature.per_probe(lambda x: (x < 0) * (1 + 0 * x), xnp)
     count = float(xnp.mean(negatives))
     num_probes = negatives.shape[0]
     spread = float(xnp.to_np(negatives).std(ddof=1)) if num_probes > 1 else float("inf")

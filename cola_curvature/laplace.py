@@ -133,7 +133,7 @@ class Laplace:
         self._matrix_free_scale = self._nll_scale if curvature == "ggn" else 1.0
         self._slq = slq or SLQ()
         self._quadrature: SpectralQuadrature | None = None
-        self._spectrum: list[Array] | None = None
+        self._spectrum: tuple[list[Array], Array] | None = None
         self._rank = rank
         self._symmetry_groups = symmetry_groups
         self.distributed = distributed
@@ -292,6 +292,17 @@ class Laplace:
         self._check_prior_shape(delta)
         return scaled.damped_per_block(delta)
 
+    def _curvature_spectrum(self) -> tuple[list[Array], Array]:
+        """Return the Kronecker-factored ``H``'s eigenvalues per block and all together.
+
+        Computed on the first call and kept: every later evidence evaluation and gradient
+        reuses them.
+        """
+        if self._spectrum is None:
+            per_block = [block.spectrum() for block in self.curvature.blocks]
+            self._spectrum = (per_block, self.curvature.xnp.concat(per_block))
+        return self._spectrum
+
     def log_det_posterior_precision(
         self, prior_precision: Any = None, sigma_noise: Any = None
     ) -> Array:
@@ -303,16 +314,14 @@ class Laplace:
         delta, sigma = self._resolve(prior_precision, sigma_noise)
         scale = 1 / (sigma**2 * self.temperature)
         if isinstance(self.curvature, KroneckerFactored):
-            # the blocks' eigenvalues λ_b once; logdet P = Σ_b Σ log(λ_b / (σ² T) + δ_b)
+            # logdet P = Σ_b Σ log(λ_b / (σ² T) + δ_b) from the cached eigenvalues λ_b
             xnp = self.curvature.xnp
-            if self._spectrum is None:
-                self._spectrum = [block.spectrum() for block in self.curvature.blocks]
-                self._all_eigenvalues = xnp.concat(self._spectrum)
+            per_block, everything = self._curvature_spectrum()
             if not getattr(delta, "ndim", 0):
-                return xnp.log(scale * self._all_eigenvalues + delta).sum()
+                return xnp.log(scale * everything + delta).sum()
             return sum(
                 xnp.log(scale * values + shift).sum()
-                for values, shift in zip(self._spectrum, delta, strict=True)
+                for values, shift in zip(per_block, delta, strict=True)
             )
         if not self.matrix_free:
             return cola.linalg.logdet(self.posterior_precision(delta, sigma))
@@ -418,10 +427,10 @@ class Laplace:
         (c λ_i + δ)`` (zero for classification).
         """
         xnp = self.curvature.xnp
-        self.log_det_posterior_precision(prior_precision, sigma_noise)  # caches the spectrum
+        spectra, everything = self._curvature_spectrum()
         scale = 1 / (sigma_noise**2 * self.temperature)
         per_block = getattr(prior_precision, "ndim", 0) > 0
-        groups = self._spectrum if per_block else [self._all_eigenvalues]
+        groups = spectra if per_block else [everything]
         deltas = prior_precision if per_block else [prior_precision]
         sizes = self._block_sizes() if per_block else [self._mean.shape[0]]
         in_blocks = self._mean[self.curvature.permutation] if per_block else self._mean

@@ -1,8 +1,9 @@
 """``A + λI`` keeps the structure: eigen-damping for Kronecker factors, a shift type otherwise.
 
-KroneckerFactored is itself a ``BlockDiag``; its rules are listed first and win by type.
-Matrix-free curvature operators become :class:`ShiftedCurvature`, which the matrix-free
-rules recognise in either order of the sum.
+Operators that own their damping (Kronecker-factored, diagonal plus low rank, shifted)
+share one pair of rules; a user-built ``Kronecker``/``BlockDiag`` is converted when it
+can be. Matrix-free curvature operators become :class:`ShiftedCurvature`, which the
+matrix-free rules recognise in either order of the sum.
 """
 
 from __future__ import annotations
@@ -27,18 +28,27 @@ def _identity_multiple(op: Any) -> Any:
     return op.Ms[0].c
 
 
-# (Q_G⊗Q_A) S (Q_G⊗Q_A)ᵀ + λI = (Q_G⊗Q_A)(S + λ)(Q_G⊗Q_A)ᵀ
-@dispatch(precedence=1)
-def add(A: KroneckerFactored, B: Identity | ScalarMul | Product[ScalarMul, Identity]):
-    """Return ``K + λ I`` as a Kronecker-factored operator."""
-    return A.damped(_identity_multiple(B), mode="exact")
+#: ``λ I`` as CoLA builds it: ``I_like(A)``, ``λ * I_like(A)`` or ``ScalarMul(λ)``.
+IdentityMultiple = Identity | ScalarMul | Product[ScalarMul, Identity]
+#: Operators that own their damping: ``.damped(λ)`` keeps the structure exactly. Their
+#: rules carry ``precedence=2``: a ``KroneckerFactored`` is also a ``BlockDiag``, and plum
+#: cannot order this union against the user-built ``Kronecker | BlockDiag`` rule below.
+SelfDamping = KroneckerFactored | DiagonalPlusLowRank | ShiftedCurvature
 
 
-# λI + K = K + λI
-@dispatch(precedence=1)
-def add(A: Identity | ScalarMul | Product[ScalarMul, Identity], B: KroneckerFactored):  # noqa: F811
-    """Return ``λ I + K`` as a Kronecker-factored operator."""
-    return B.damped(_identity_multiple(A), mode="exact")
+# (Q_G⊗Q_A) S (Q_G⊗Q_A)ᵀ + λI = (Q_G⊗Q_A)(S + λ)(Q_G⊗Q_A)ᵀ,
+# (diag(d) + U M Uᵀ) + λI = diag(d + λ) + U M Uᵀ,  (c A + λI) + μI = c A + (λ + μ)I
+@dispatch(precedence=2)
+def add(A: SelfDamping, B: IdentityMultiple):
+    """Return ``A + λ I`` in ``A``'s own structure (Kronecker: exact eigen-damping)."""
+    return A.damped(_identity_multiple(B))
+
+
+# λI + A = A + λI
+@dispatch(precedence=2)
+def add(A: IdentityMultiple, B: SelfDamping):  # noqa: F811
+    """Return ``λ I + A`` in ``A``'s own structure."""
+    return B.damped(_identity_multiple(A))
 
 
 def _damped_or_sum(structured_source: Any, other: Any, identity_multiple: Any) -> Any:
@@ -51,54 +61,27 @@ def _damped_or_sum(structured_source: Any, other: Any, identity_multiple: Any) -
 
 # Kronecker(G, A) + λI = (Q_G⊗Q_A)(Λ_G ⊗ Λ_A + λ)(Q_G⊗Q_A)ᵀ, for symmetric dense G, A
 @dispatch(precedence=1)
-def add(A: Kronecker | BlockDiag, B: Identity | ScalarMul | Product[ScalarMul, Identity]):  # noqa: F811
+def add(A: Kronecker | BlockDiag, B: IdentityMultiple):  # noqa: F811
     """Return a user-built Kronecker / block-diagonal operator plus ``λ I``, structured if can."""
     return _damped_or_sum(A, B, B)
 
 
 # λI + Kronecker(G, A) = Kronecker(G, A) + λI
 @dispatch(precedence=1)
-def add(A: Identity | ScalarMul | Product[ScalarMul, Identity], B: Kronecker | BlockDiag):  # noqa: F811
+def add(A: IdentityMultiple, B: Kronecker | BlockDiag):  # noqa: F811
     """Return ``λ I`` plus a user-built Kronecker / block-diagonal operator."""
     return _damped_or_sum(B, A, A)
 
 
 # A + λI, for A known only through its products
 @dispatch(precedence=1)
-def add(A: CurvatureOperator, B: Identity | ScalarMul | Product[ScalarMul, Identity]):  # noqa: F811
+def add(A: CurvatureOperator, B: IdentityMultiple):  # noqa: F811
     """Return ``A + λ I`` as a :class:`ShiftedCurvature`."""
     return ShiftedCurvature(A, _identity_multiple(B))
 
 
 # λI + A = A + λI
 @dispatch(precedence=1)
-def add(A: Identity | ScalarMul | Product[ScalarMul, Identity], B: CurvatureOperator):  # noqa: F811
+def add(A: IdentityMultiple, B: CurvatureOperator):  # noqa: F811
     """Return ``λ I + A`` as a :class:`ShiftedCurvature`."""
     return ShiftedCurvature(B, _identity_multiple(A))
-
-
-# (A + λI) + μI = A + (λ + μ)I
-@dispatch(precedence=1)
-def add(A: ShiftedCurvature, B: Identity | ScalarMul | Product[ScalarMul, Identity]):  # noqa: F811
-    """Return ``(A + λ I) + μ I`` as one :class:`ShiftedCurvature`."""
-    return A.shifted(_identity_multiple(B))
-
-
-# μI + (A + λI) = A + (λ + μ)I
-@dispatch(precedence=1)
-def add(A: Identity | ScalarMul | Product[ScalarMul, Identity], B: ShiftedCurvature):  # noqa: F811
-    """Return ``μ I + (A + λ I)`` as one :class:`ShiftedCurvature`."""
-    return B.shifted(_identity_multiple(A))
-
-
-# (diag(d) + U M Uᵀ) + λI = diag(d + λ) + U M Uᵀ, in either order
-@dispatch(precedence=1)
-def add(A: DiagonalPlusLowRank, B: Identity | ScalarMul | Product[ScalarMul, Identity]):  # noqa: F811
-    """Return ``diag(d + λ) + U M Uᵀ``."""
-    return A.damped(_identity_multiple(B))
-
-
-@dispatch(precedence=1)
-def add(A: Identity | ScalarMul | Product[ScalarMul, Identity], B: DiagonalPlusLowRank):  # noqa: F811
-    """Return ``λ I + diag(d) + U M Uᵀ``."""
-    return B.damped(_identity_multiple(A))

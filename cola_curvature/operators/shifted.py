@@ -43,7 +43,7 @@ class ShiftedCurvature(ParameterSpaceInterface, LinearOperator):
     def _matmat(self, X: Array) -> Array:
         return self.scale * self.base._matmat(X) + self.shift * X
 
-    def shifted(self, shift: Array) -> ShiftedCurvature:
+    def damped(self, shift: Array) -> ShiftedCurvature:
         """Return ``c A + (λ + shift) I``."""
         return ShiftedCurvature(self.base, self.shift + shift, self.scale)
 
