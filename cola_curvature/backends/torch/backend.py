@@ -14,6 +14,7 @@ from cola_curvature.backends.torch import distributed, kfac, per_example, produc
 from cola_curvature.backends.torch.losses import as_loss
 from cola_curvature.backends.torch.state import TorchRandom, preserved_global_state
 from cola_curvature.losses import Loss
+from cola_curvature.operators import kronecker_statistics as statistics
 from cola_curvature.options import FisherType, KFACApprox
 
 
@@ -113,7 +114,7 @@ class TorchBackend:
         model_fn = self._model_fn()
         outputs = self.forward(inputs)
         self.loss.check_target(outputs, targets)
-        cotangents = kfac.output_cotangents(
+        cotangents = statistics.output_cotangents(
             self.loss, outputs, targets, fisher_type, mc_samples, rng
         )
         gradients = per_example.per_example_cotangent_gradients(
@@ -212,7 +213,7 @@ class TorchBackend:
         kfac_approx: KFACApprox,
         mc_samples: int,
         rng: TorchRandom,
-    ) -> kfac.BatchStatistics:
+    ) -> statistics.BatchStatistics:
         """Return one batch's unnormalised KFAC factor statistics per layer."""
         signals = kfac.layer_signals(
             self._model_fn(),
@@ -225,7 +226,7 @@ class TorchBackend:
             mc_samples,
             rng,
         )
-        return kfac.batch_statistics(signals, kfac_approx)
+        return statistics.batch_statistics(signals, kfac_approx)
 
     def kronecker_eigencorrections(
         self,
@@ -249,7 +250,7 @@ class TorchBackend:
             mc_samples,
             rng,
         )
-        return kfac.batch_eigencorrections(signals, bases)
+        return statistics.batch_eigencorrections(signals, bases)
 
     @property
     def param_names(self) -> list[str]:

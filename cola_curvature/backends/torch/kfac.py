@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.functional import unfold
 
 from cola_curvature.losses import Loss
-from cola_curvature.options import FisherType, KFACApprox
+from cola_curvature.operators.kronecker_statistics import LayerSignals, _augment, output_cotangents
+from cola_curvature.options import FisherType
 
 
 @dataclass(frozen=True)
@@ -89,73 +90,6 @@ def _layer_output_grads(layer: KroneckerLayer, grads: torch.Tensor) -> torch.Ten
     return grads.reshape(grads.shape[0], -1, grads.shape[-1])
 
 
-def _second_moment(x: torch.Tensor, approx: KFACApprox, reduce_op: str) -> torch.Tensor:
-    """Return ``Σ_{n,t} x xᵀ`` (expand) or ``Σ_n x̄ x̄ᵀ`` with ``x̄ = op_t x`` (reduce)."""
-    if approx is KFACApprox.REDUCE:
-        x = x.mean(1) if reduce_op == "mean" else x.sum(1)
-    else:
-        x = x.reshape(-1, x.shape[-1])
-    return x.T @ x
-
-
-def _augment(a: torch.Tensor, layer: KroneckerLayer) -> torch.Tensor:
-    """Return the block's input features ``ã``: ``[a, 1]``, ``a`` or ``[1]``.
-
-    The weight contributes ``a`` when it is part of the curvature, the bias a constant 1.
-    """
-    if layer.weight_index is None:
-        a = a[..., :0]
-    if layer.bias_index is None:
-        return a
-    return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-
-
-@dataclass
-class BatchStatistics:
-    """Unnormalised KFAC statistics of one batch, per layer name.
-
-    ``input_moments[l] = Σ ã ãᵀ`` and ``output_moments[l] = R Σ g gᵀ`` (sums over examples,
-    positions for expand, and backpropagated columns); ``positions[l]`` is ``T``.
-    """
-
-    input_moments: dict[str, torch.Tensor]
-    output_moments: dict[str, torch.Tensor]
-    positions: dict[str, int]
-
-
-def output_cotangents(
-    loss: Loss,
-    outputs: torch.Tensor,
-    targets: torch.Tensor,
-    fisher_type: FisherType,
-    mc_samples: int,
-    rng: object,
-) -> torch.Tensor:
-    """Return the vectors ``u_c`` to backpropagate, shape ``(C', *f.shape)``.
-
-    type-2: the columns of the loss Hessian's symmetric factor (``Σ_c u_c u_cᵀ = H``);
-    mc: ``mc_samples`` sampled output gradients scaled by ``1/√M`` (``E[Σ u uᵀ] = H``);
-    empirical: the observed output gradient.
-    """
-    if fisher_type is FisherType.TYPE2:
-        return loss.hessian_sqrt(outputs)
-    if fisher_type is FisherType.MC:
-        return loss.sampled_output_gradients(outputs, rng, mc_samples) / mc_samples**0.5
-    return loss.output_gradient(outputs, targets)[None]
-
-
-@dataclass
-class LayerSignals:
-    """Per layer: inputs ``ã`` as ``(N, T, in [+1])`` and output gradients ``(C', N, T, out)``.
-
-    ``scale`` is the loss scaling ``R``; ``output_grads`` is ``None`` for forward-only.
-    """
-
-    inputs: dict[str, torch.Tensor]
-    output_grads: dict[str, torch.Tensor] | None
-    scale: float
-
-
 def layer_signals(
     model_fn: Callable[[Sequence[torch.Tensor], object], torch.Tensor],
     params: Sequence[torch.Tensor],
@@ -222,47 +156,3 @@ def layer_signals(
             [_layer_output_grads(layer, column) for column in grad]
         )
     return LayerSignals(layer_inputs, output_grads, scale)
-
-
-def batch_statistics(signals: LayerSignals, kfac_approx: KFACApprox) -> BatchStatistics:
-    """Return one batch's ``Σ ã ãᵀ`` and ``R Σ g gᵀ`` per layer from its signals.
-
-    With ``kfac_approx="reduce"`` the shared positions are averaged (inputs) or summed
-    (output gradients) per example first (Eschenhagen et al., 2023).
-    """
-    input_moments = {
-        name: _second_moment(a, kfac_approx, "mean") for name, a in signals.inputs.items()
-    }
-    positions = {name: a.shape[1] for name, a in signals.inputs.items()}
-    output_moments = {}
-    if signals.output_grads is not None:
-        for name, g in signals.output_grads.items():
-            moments = [_second_moment(column, kfac_approx, "sum") for column in g]
-            output_moments[name] = signals.scale * torch.stack(moments).sum(0)
-    return BatchStatistics(input_moments, output_moments, positions)
-
-
-def batch_eigencorrections(
-    signals: LayerSignals, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """Return ``R Σ_{n,c} (Q_Gᵀ ∇W_{n,c} Q_A)²`` per layer, shape ``(out, in [+1])``.
-
-    ``∇W_{n,c} = Σ_t g_{n,t,c} ã_{n,t}ᵀ`` is example ``n``'s gradient for column ``c``
-    (true per-example gradients, positions summed) and ``(Q_G, Q_A)`` the eigenbases of the
-    layer's Kronecker factors (George et al., 2018). Without shared positions (``T = 1``) the
-    projected gradient is an outer product, ``(Q_Gᵀ g)(Q_Aᵀ ã)ᵀ``, so its square is the outer
-    product of the squares: one ``(out × N C') · (N C' × in)`` product, never the
-    ``(C', N, out, in)`` per-example gradients that ``T > 1`` needs.
-    """
-    corrections = {}
-    for name, (q_out, q_in) in bases.items():
-        a, g = signals.inputs[name], signals.output_grads[name]
-        projected_a = a @ q_in
-        projected_g = g @ q_out
-        if a.shape[1] == 1:
-            squares = torch.einsum("cno,ni->oi", projected_g[:, :, 0] ** 2, projected_a[:, 0] ** 2)
-        else:
-            per_example = torch.einsum("cnto,nti->cnoi", projected_g, projected_a)
-            squares = (per_example**2).sum((0, 1))
-        corrections[name] = signals.scale * squares
-    return corrections
