@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -134,6 +135,7 @@ class Laplace:
         self._slq = slq or SLQ()
         self._quadrature: SpectralQuadrature | None = None
         self._spectrum: tuple[list[Array], Array] | None = None
+        self._block_norms: list[Array] | None = None
         self._rank = rank
         self._symmetry_groups = symmetry_groups
         self.distributed = distributed
@@ -224,8 +226,7 @@ class Laplace:
             count += math.prod(outputs.shape)
         if self.distributed:
             total = self._backend.sum_over_processes(total)
-            like = total * 0 + count
-            count = int(self._backend.sum_over_processes(like).item())
+            count = sum(self._backend.gather_counts(count))
         return total, count
 
     def _resolve(self, prior_precision: Any, sigma_noise: Any) -> tuple[Array, Array]:
@@ -265,13 +266,23 @@ class Laplace:
         if getattr(delta, "ndim", 0) == 0:
             scatter = delta * self._mean_squared_norm
             return scatter, self._mean.shape[0] * xnp.log(delta + 0 * scatter)
-        in_blocks = self._mean[self.curvature.permutation]
-        scatter, log_det, start = 0, 0, 0
-        for value, size in zip(delta, self._block_sizes(), strict=True):
-            scatter = scatter + value * (in_blocks[start : start + size] ** 2).sum()
+        scatter, log_det = 0, 0
+        for value, size, norm in zip(
+            delta, self._block_sizes(), self._block_squared_norms(), strict=True
+        ):
+            scatter = scatter + value * norm
             log_det = log_det + size * xnp.log(value)
-            start += size
         return scatter, log_det
+
+    def _block_squared_norms(self) -> list[Array]:
+        """Return ``‖θ*_b‖²`` per block of a Kronecker-factored curvature (computed once)."""
+        if self._block_norms is None:
+            in_blocks = self._mean[self.curvature.permutation]
+            offsets = [0, *itertools.accumulate(self._block_sizes())]
+            self._block_norms = [
+                (in_blocks[start:stop] ** 2).sum() for start, stop in itertools.pairwise(offsets)
+            ]
+        return self._block_norms
 
     @property
     def matrix_free(self) -> bool:
@@ -433,14 +444,12 @@ class Laplace:
         groups = spectra if per_block else [everything]
         deltas = prior_precision if per_block else [prior_precision]
         sizes = self._block_sizes() if per_block else [self._mean.shape[0]]
-        in_blocks = self._mean[self.curvature.permutation] if per_block else self._mean
-        d_delta, d_sigma, start = [], 0, 0
-        for values, delta, size in zip(groups, deltas, sizes, strict=True):
-            norm = (in_blocks[start : start + size] ** 2).sum()
+        norms = self._block_squared_norms() if per_block else [self._mean_squared_norm]
+        d_delta, d_sigma = [], 0
+        for values, delta, size, norm in zip(groups, deltas, sizes, norms, strict=True):
             denominators = scale * values + delta
             d_delta.append(-0.5 * delta * norm + 0.5 * size - 0.5 * (delta / denominators).sum())
             d_sigma = d_sigma + (scale * values / denominators).sum()
-            start += size
         d_log_delta = xnp.stack(d_delta) if per_block else d_delta[0]
         if not self.regression:
             return [d_log_delta, 0 * sigma_noise]
