@@ -261,3 +261,18 @@ def test_gmres_on_a_jax_operator_works_after_import(jax_x64, wrap):
     x = cola.linalg.inv(A, alg=cola.linalg.GMRES(tol=1e-12, max_iters=50)) @ b
     assert x.dtype == jnp.float64
     assert np.allclose(np.asarray(M @ x), np.asarray(b), atol=1e-8)
+
+
+def test_library_lookup_is_cached_and_used_by_cola(jax_x64):
+    import jax.numpy as jnp
+    from cola.backends import jax_fns, torch_fns
+    from cola.ops import operator_base
+
+    lookup = operator_base.get_library_fns
+    assert lookup is cola.backends.get_library_fns
+    assert lookup.__wrapped__ is not lookup
+    assert lookup(torch.float64) is torch_fns
+    assert lookup(jnp.float64) is jax_fns
+    for dtype in (torch.float32, jnp.float32, np.dtype("float64")):
+        assert lookup(dtype) is lookup.__wrapped__(dtype)
+    assert Dense(torch.eye(2, dtype=torch.float64)).xnp is torch_fns
