@@ -10,6 +10,23 @@ def is_traced(x: Any) -> bool:
     return "Tracer" in type(x).__name__
 
 
+def is_abstract(x: Any) -> bool:
+    """Return whether ``x`` is a tracer Python cannot read a value from (inside ``jit``/``vmap``).
+
+    Tracers of ``jax.grad`` or ``jax.jvp`` outside ``jit`` still carry values, so
+    ``bool(...)`` works on them and iterative methods keep their Python loops there.
+    """
+    if not is_traced(x):
+        return False
+    from jax.errors import ConcretizationTypeError  # only reached with a tracer: JAX is there
+
+    try:
+        bool(x.reshape(-1)[:1].sum() == 0)
+    except ConcretizationTypeError:
+        return True
+    return False
+
+
 def known_nonnegative(value: Any) -> bool | None:
     """Return whether a scalar is ``≥ 0``, or ``None`` when it is traced (no value yet)."""
     if is_traced(value):

@@ -24,8 +24,9 @@ import numpy as np
 from cola.annotations import PSD
 from cola.ops import LinearOperator
 
+from cola_curvature._tracing import is_abstract
 from cola_curvature.algorithms import SLQ, Hutchinson, HutchPlusPlus, XTrace
-from cola_curvature.matfree._convergence import report_failure
+from cola_curvature.matfree._convergence import report_failure, report_failure_traced
 from cola_curvature.matfree._random import gaussian, rademacher
 from cola_curvature.matfree.krylov import gauss_quadrature
 
@@ -228,7 +229,8 @@ def slq_slogdet(A: LinearOperator, alg: SLQ | None = None) -> tuple[Array, Array
     an indefinite operator the sign is ``(−1)^n₋`` with the number of negative
     eigenvalues ``n₋ = tr 1[A < 0]`` estimated by the same quadrature; when that estimate
     is not an integer beyond two standard errors the sign is unknown: ``nan`` and a
-    :class:`~cola_curvature.ConvergenceWarning` (use more probes and steps).
+    :class:`~cola_curvature.ConvergenceWarning` (use more probes and steps; inside
+    ``jax.jit`` the warning comes when the compiled function runs).
     """
     xnp = A.xnp
     quadrature = SpectralQuadrature.of(A, alg or SLQ())
@@ -236,19 +238,30 @@ def slq_slogdet(A: LinearOperator, alg: SLQ | None = None) -> tuple[Array, Array
     if A.isa(PSD):
         return 1 + 0 * log_abs, log_abs
     negatives = quadrature.per_probe(lambda x: (x < 0) * (1 + 0 * x), xnp)
-    count = float(xnp.mean(negatives))
     num_probes = negatives.shape[0]
-    spread = float(xnp.to_np(negatives).std(ddof=1)) if num_probes > 1 else float("inf")
-    margin = abs(count - round(count)) + 2 * spread / num_probes**0.5
-    if margin >= 0.5:
-        report_failure(
-            f"SLQ estimates {count:.2f} ± {spread / num_probes**0.5:.2f} negative "
-            "eigenvalues, too uncertain for the sign of the determinant (returned as nan); "
-            "raise SLQ(num_probes=..., num_steps=...).",
-            "warn",
-        )
-        return float("nan") + 0 * log_abs, log_abs
-    return (1 - 2 * (round(count) % 2)) + 0 * log_abs, log_abs
+    count = xnp.mean(negatives)
+    nearest = (count + 0.5) // 1
+    if num_probes > 1:
+        spread = xnp.sqrt(xnp.sum((negatives - count) ** 2) / (num_probes - 1))
+    else:
+        spread = count + float("inf")
+    error = spread / num_probes**0.5
+    unknown = xnp.abs(count - nearest) + 2 * error >= 0.5
+    sign = 1 - 2 * (nearest % 2) + 0 * log_abs
+    if is_abstract(unknown):
+        report_failure_traced(unknown, _unknown_sign_message, count, error)
+    elif bool(unknown):
+        report_failure(_unknown_sign_message(count, error), "warn")
+    return xnp.where(unknown, sign + float("nan"), sign), log_abs
+
+
+def _unknown_sign_message(count: Any, error: Any) -> str:
+    """Return the warning for a determinant sign SLQ cannot settle."""
+    return (
+        f"SLQ estimates {float(count):.2f} ± {float(error):.2f} negative eigenvalues, too "
+        "uncertain for the sign of the determinant (returned as nan); raise "
+        "SLQ(num_probes=..., num_steps=...)."
+    )
 
 
 @dataclass(frozen=True)

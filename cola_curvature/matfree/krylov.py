@@ -13,17 +13,22 @@ tridiagonalisation then continues the column with zero vectors (``T`` becomes bl
 diagonal and the extra block has zero weight in the quadrature); the eigen-solver
 restarts from a random vector orthogonal to the basis, so repeated eigenvalues are found
 with their multiplicity.
+
+Inside ``jax.jit`` (no values to branch on) the same steps run as one compiled loop over a
+preallocated basis, and the small tridiagonal eigenproblems are solved by ``xnp.eigh``
+instead of NumPy; :func:`lanczos_eigenpairs` then runs a fixed number of steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from cola.ops import LinearOperator
 
-from cola_curvature.matfree._convergence import report_failure
+from cola_curvature._tracing import is_abstract, is_traced
+from cola_curvature.matfree._convergence import report_failure, report_failure_traced
+from cola_curvature.matfree._loops import iterate
 from cola_curvature.matfree._random import random_source
 
 Array = Any
@@ -37,20 +42,55 @@ def breakdown_threshold(A: LinearOperator) -> float:
     return 100 * A.shape[0] ** 0.5 * float(A.xnp.finfo(A.dtype).eps)
 
 
-def orthogonalize(w: Array, basis: list[Array], xnp: Any) -> Array:
-    """Return ``w`` minus its projection on the orthonormal ``basis`` (column-wise, twice).
+def orthogonalize(w: Array, basis: Array, xnp: Any) -> Array:
+    """Return ``w`` minus its projection on the orthonormal ``basis`` (Gram-Schmidt, twice).
 
-    ``w`` and every basis entry have shape ``(D, p)``: column ``c`` of ``w`` is
-    orthogonalised against column ``c`` of each basis entry.
+    ``w`` has shape ``(D, p)`` and ``basis`` ``(j, D, p)``: column ``c`` of ``w`` is
+    orthogonalised against column ``c`` of each of the ``j`` basis entries; zero entries
+    (the unused part of a preallocated basis) change nothing. ``O(j D p)``.
     """
     for _ in range(2):
-        for q in basis:
-            w = w - q * xnp.sum(q * w, axis=0, keepdims=True)
+        w = w - xnp.sum(basis * xnp.sum(basis * w[None], axis=1, keepdims=True), axis=0)
     return w
+
+
+def _store(basis: Array, q: Array, step: Any, traced: bool, xnp: Any) -> Array:
+    """Return ``basis`` with ``q`` as entry ``step``: appended eagerly, written in place traced."""
+    if traced:
+        return xnp.update_array(basis, q, step)
+    return xnp.concat([basis, q[None]], axis=0)
+
+
+def _empty_basis(A: LinearOperator, size: int, columns: int) -> Array:
+    """Return a zero basis of ``size`` entries ``(D, columns)`` (``0`` eagerly: it grows)."""
+    return A.xnp.zeros((size, A.shape[0], columns), dtype=A.dtype, device=A.device)
+
+
+def _lanczos_step(
+    A: LinearOperator, basis: Array, step: Any, q: Array, traced: bool
+) -> tuple[Array, Array, Array, Array, Array]:
+    """Store ``q`` in the basis and take one Lanczos step from it.
+
+    Returns:
+        ``(basis, α, w, β, broken)``: ``α = qᵀAq``, ``w`` the product ``A q``
+        orthogonalised against the basis, ``β = ‖w‖`` and whether ``β`` counts as
+        breakdown (per column).
+
+    """
+    xnp = A.xnp
+    basis = _store(basis, q, step, traced, xnp)
+    product = A @ q
+    alpha = xnp.sum(q * product, axis=0)
+    w = orthogonalize(product, basis, xnp)
+    beta = xnp.norm(w, axis=0)
+    broken = beta <= breakdown_threshold(A) * xnp.norm(product, axis=0)
+    return basis, alpha, w, beta, broken
 
 
 def lanczos_tridiagonals(A: LinearOperator, start: Array, num_steps: int) -> tuple[Array, Array]:
     """Run ``num_steps`` Lanczos steps from each column of ``start`` (``(D, p)``), together.
+
+    A column that breaks down continues with zero vectors (its ``β`` is ``0``).
 
     Returns:
         ``(α, β)`` of shapes ``(s, p)`` and ``(s − 1, p)``: the tridiagonal of each
@@ -58,34 +98,42 @@ def lanczos_tridiagonals(A: LinearOperator, start: Array, num_steps: int) -> tup
 
     """
     xnp = A.xnp
-    threshold = breakdown_threshold(A)
     q = start / xnp.norm(start, axis=0, keepdims=True)
-    basis: list[Array] = []
-    alphas: list[Array] = []
-    betas: list[Array] = []
-    for step in range(num_steps):
-        basis.append(q)
-        product = A @ q
-        alphas.append(xnp.sum(q * product, axis=0))
-        if step == num_steps - 1:
-            break
-        w = orthogonalize(product, basis, xnp)
-        beta = xnp.norm(w, axis=0)
-        broken = beta <= threshold * xnp.norm(product, axis=0)
+    traced = is_abstract(q)
+    columns = q.shape[1]
+
+    def step(index: Any, state: tuple) -> tuple:
+        basis, alphas, betas, q = state
+        basis, alpha, w, beta, broken = _lanczos_step(A, basis, index, q, traced)
         safe = xnp.where(broken, xnp.ones_like(beta), beta)
         beta = xnp.where(broken, xnp.zeros_like(beta), beta)
         q = xnp.where(broken[None, :], xnp.zeros_like(w), w / safe[None, :])
-        betas.append(beta)
-    alpha = xnp.stack(alphas, axis=0)
-    beta = xnp.stack(betas, axis=0) if betas else alpha[:0]
-    return alpha, beta
+        alphas = xnp.update_array(alphas, alpha, index)
+        return basis, alphas, xnp.update_array(betas, beta, index), q
+
+    tridiagonal = xnp.zeros((num_steps, columns), dtype=A.dtype, device=A.device)
+    basis = _empty_basis(A, num_steps if traced else 0, columns)
+    start_state = (basis, tridiagonal, xnp.zeros_like(tridiagonal), q)
+    _, (_, alpha, beta, _) = iterate(step, start_state, num_steps, xnp, traced=traced)
+    return alpha, beta[: num_steps - 1]
+
+
+def _tridiagonal_matrices(alpha: Array, beta: Array, xnp: Any) -> Array:
+    """Return the ``(p, s, s)`` tridiagonal matrices of ``α`` ``(s, p)``, ``β`` ``(s − 1, p)``."""
+    steps = alpha.shape[0]
+    eye = xnp.eye(steps, steps, dtype=alpha.dtype, device=None)
+    upper = xnp.roll(eye, 1, 1)  # ones above the diagonal, and a wrapped one at (s − 1, 0)
+    padded = xnp.concat([beta, 0 * alpha[:1]], axis=0).T  # β_s = 0 cancels the wrapped one
+    off_diagonal = padded[:, :, None] * upper[None]
+    return alpha.T[:, :, None] * eye[None] + off_diagonal + xnp.permute(off_diagonal, (0, 2, 1))
 
 
 def tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return eigenvalues ``(p, s)`` and eigenvectors ``(p, s, s)`` of each column's ``T``.
 
     In NumPy: the tridiagonals are tiny, and a framework would compile its ``eigh`` anew
-    for every size ``s`` met along the iteration.
+    for every size ``s`` met along the iteration (inside ``jax.jit`` the sizes are fixed
+    and :func:`gauss_quadrature` uses ``xnp.eigh`` instead).
     """
     steps = alpha.shape[0]
     matrices = np.zeros((alpha.shape[1], steps, steps))
@@ -101,11 +149,16 @@ def gauss_quadrature(A: LinearOperator, start: Array, num_steps: int) -> tuple[A
 
     For a unit vector ``q``, ``qᵀ f(A) q ≈ Σ_i τ_i² f(θ_i)``, exact for polynomials of
     degree ``< 2s``; ``τ_i`` is the first entry of the ``i``-th eigenvector of ``T_s``.
-    Returned as arrays of ``A``'s backend.
+    Returned as arrays of ``A``'s backend. The ``s × s`` eigenproblems are solved in
+    NumPy eagerly and by ``xnp.eigh`` on traced arrays (inside ``jax.jit`` or
+    ``jax.grad``, where NumPy cannot read the values).
     """
     xnp = A.xnp
     steps = min(num_steps, A.shape[0])
     alpha, beta = lanczos_tridiagonals(A, start, steps)
+    if is_traced(alpha):
+        nodes, vectors = xnp.eigh(_tridiagonal_matrices(alpha, beta, xnp))
+        return nodes, vectors[:, 0, :] ** 2
     nodes, vectors = tridiagonal_eigh(_numpy(alpha, xnp), _numpy(beta, xnp))
     weights = vectors[:, 0, :] ** 2
     return (
@@ -134,11 +187,21 @@ def check_which(A: LinearOperator, k: int, which: str) -> None:
         raise ValueError(f"k must be an integer in 1..{A.shape[0]}, got {k!r}.")
 
 
-def _restart_vector(A: LinearOperator, basis: list[Array], draw: Callable[[], Array]) -> Array:
-    """Return a random unit vector orthogonal to ``basis`` (the restart after breakdown)."""
-    xnp = A.xnp
-    w = orthogonalize(draw(), basis, xnp)
+def _unit_orthogonal(w: Array, basis: Array, xnp: Any) -> Array:
+    """Return ``w`` orthogonalised against ``basis``, normalised (a restart after breakdown)."""
+    w = orthogonalize(w, basis, xnp)
     return w / xnp.norm(w, axis=0, keepdims=True)
+
+
+def _eigen_failure_message(
+    found: int, k: int, which: str, steps: int, dimension: int, worst: Any, tol: float
+) -> str:
+    """Return the message for Lanczos stopping with relative Ritz residual ``worst > tol``."""
+    return (
+        f"Lanczos found {found} of {k} eigenpairs ({which}) with relative residual "
+        f"{float(worst):.2e} > tol={tol:.1e} after {steps} steps; raise max_iters "
+        f"(the operator has D={dimension})."
+    )
 
 
 def lanczos_eigenpairs(
@@ -160,6 +223,13 @@ def lanczos_eigenpairs(
     warns or raises (per ``on_failure``) with the residual reached. After ``D`` steps the
     basis is complete and the pairs are exact to rounding.
 
+    Inside ``jax.jit`` it always runs ``min(max_iters, D)`` steps (the Ritz values of
+    every intermediate size would each need their own ``eigh``), so pass a ``max_iters``
+    near the steps needed (e.g. ``3k + 20``); the residual test then happens when the
+    compiled function runs: a :class:`~cola_curvature.ConvergenceWarning`, and NaN
+    results with ``on_failure="raise"``. Cost: ``min(max_iters, D)`` products with one
+    column, ``O(s² D)`` for reorthogonalisation.
+
     Like every single-vector Krylov method, Lanczos sees an eigenvalue of multiplicity
     ``> 1`` once until the Krylov space is exhausted (a breakdown, after which the
     restart finds the further copies): converged pairs are eigenpairs, but a repeated
@@ -169,26 +239,22 @@ def lanczos_eigenpairs(
     xnp = A.xnp
     dimension = A.shape[0]
     tol = float(xnp.finfo(A.dtype).eps) ** (2 / 3) if tol is None else tol
-    threshold = breakdown_threshold(A)
     rng = random_source(A, seed)
     like = xnp.zeros((1,), dtype=A.dtype, device=A.device)
-
-    def draw() -> Array:
-        return rng.normal((dimension, 1), like)
-
-    q = _restart_vector(A, [], draw)
-    basis: list[Array] = []
+    steps = min(max_iters, dimension)
+    q = _unit_orthogonal(rng.normal((dimension, 1), like), _empty_basis(A, 0, 1), xnp)
+    if is_abstract(q):
+        return _fixed_depth_eigenpairs(
+            A, k, which, q, rng.normal((steps, dimension, 1), like), tol, on_failure
+        )
+    basis = _empty_basis(A, 0, 1)
     alphas: list[float] = []
     betas: list[float] = []
-    steps = min(max_iters, dimension)
     min_steps = min(steps, 2 * k + 10)
     for step in range(steps):
-        basis.append(q)
-        product = A @ q
-        alphas.append(float(xnp.sum(q * product, axis=0)[0]))
-        w = orthogonalize(product, basis, xnp)
-        beta = float(xnp.norm(w, axis=0)[0])
-        broken = beta <= threshold * float(xnp.norm(product, axis=0)[0])
+        basis, alpha, w, beta, broken = _lanczos_step(A, basis, step, q, traced=False)
+        alphas.append(float(alpha[0]))
+        beta, broken = float(beta[0]), bool(broken[0])
         residual_scale = 0.0 if broken or step == dimension - 1 else beta
         values, vectors = tridiagonal_eigh(np.array([alphas]).T, np.array([betas]).T)
         values, vectors = values[0], vectors[0]
@@ -199,7 +265,7 @@ def lanczos_eigenpairs(
         if converged or step == steps - 1:
             break
         if broken:
-            q = _restart_vector(A, basis, draw)
+            q = _unit_orthogonal(rng.normal((dimension, 1), like), basis, xnp)
             betas.append(0.0)
         else:
             q = w / beta
@@ -207,14 +273,60 @@ def lanczos_eigenpairs(
     if not converged:
         worst = float(residuals.max()) / scale if scale > 0 else float("inf")
         report_failure(
-            f"Lanczos found {len(wanted)} of {k} eigenpairs ({which}) with relative residual "
-            f"{worst:.2e} > tol={tol:.1e} after {steps} steps; raise max_iters "
-            f"(the operator has D={dimension}).",
+            _eigen_failure_message(len(wanted), k, which, steps, dimension, worst, tol),
             on_failure,
         )
     coefficients = xnp.array(vectors[:, wanted], dtype=A.dtype, device=A.device)
-    ritz_vectors = xnp.concat(basis, axis=1) @ coefficients
+    ritz_vectors = basis[:, :, 0].T @ coefficients
     return xnp.array(values[wanted], dtype=A.dtype, device=A.device), ritz_vectors
+
+
+def _fixed_depth_eigenpairs(
+    A: LinearOperator,
+    k: int,
+    which: str,
+    q: Array,
+    restarts: Array,
+    tol: float,
+    on_failure: str,
+) -> tuple[Array, Array]:
+    """:func:`lanczos_eigenpairs` on traced arrays: ``s = len(restarts)`` steps in one loop.
+
+    ``restarts`` ``(s, D, 1)`` are drawn before the loop; step ``j`` restarts from the
+    ``j``-th (orthogonalised) when it breaks down.
+    """
+    xnp = A.xnp
+    steps, dimension = restarts.shape[0], A.shape[0]
+
+    def step(index: Any, state: tuple) -> tuple:
+        basis, alphas, betas, q = state
+        basis, alpha, w, beta, broken = _lanczos_step(A, basis, index, q, traced=True)
+        restart = _unit_orthogonal(restarts[index], basis, xnp)
+        q = xnp.where(broken[None, :], restart, w / xnp.where(broken, 1 + 0 * beta, beta))
+        alphas = xnp.update_array(alphas, alpha, index)
+        betas = xnp.update_array(betas, xnp.where(broken, 0 * beta, beta), index)
+        return basis, alphas, betas, q
+
+    tridiagonal = xnp.zeros((steps, 1), dtype=A.dtype, device=A.device)
+    start = (_empty_basis(A, steps, 1), tridiagonal, xnp.zeros_like(tridiagonal), q)
+    _, (basis, alpha, beta, _) = iterate(step, start, steps, xnp, traced=True)
+    values, vectors = xnp.eigh(_tridiagonal_matrices(alpha, beta[: steps - 1], xnp))
+    values, vectors = values[0], vectors[0]
+    wanted = select(values, k, which, xnp)
+    # the last β is the residual scale (0 after D steps, where the basis is complete)
+    residual_scale = beta[steps - 1, 0] if steps < dimension else 0 * beta[0, 0]
+    residuals = xnp.abs(residual_scale * vectors[steps - 1][wanted])
+    worst = xnp.max(residuals) / xnp.max(xnp.abs(values))
+    failed = ~(worst <= tol)
+    report_failure_traced(
+        failed,
+        lambda value: _eigen_failure_message(k, k, which, steps, dimension, value, tol),
+        worst,
+    )
+    ritz_values, ritz_vectors = values[wanted], basis[:, :, 0].T @ vectors[:, wanted]
+    if on_failure == "raise":
+        ritz_values = xnp.where(failed, ritz_values + float("nan"), ritz_values)
+    return ritz_values, ritz_vectors
 
 
 __all__ = [

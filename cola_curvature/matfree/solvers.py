@@ -2,10 +2,20 @@
 
 Each solver takes a ``(D, k)`` right-hand side and returns ``(X, info)``; every iteration
 is one product ``A @ V`` with ``k`` columns (a curvature operator shares its forward pass
-across them). Converged columns are frozen. ``info`` holds ``iterations`` and the
-per-column ``relative_residual`` ``‖b − A x‖ / ‖b‖`` the method tracked. SciPy's
-``cg``/``minres`` take one right-hand side and NumPy arrays only, and CoLA's CG stops on
-``‖r‖ ≤ tol (‖r_0‖ + 1)`` with no report, hence these.
+across them). Converged columns are frozen (masked with ``where``). ``info`` holds
+``iterations`` and the per-column ``relative_residual`` ``‖b − A x‖ / ‖b‖`` the method
+tracked. SciPy's ``cg``/``minres`` take one right-hand side and NumPy arrays only, and
+CoLA's CG stops on ``‖r‖ ≤ tol (‖r_0‖ + 1)`` with no report, hence these.
+
+Inside ``jax.jit`` the same code runs as one compiled ``while_loop``: at most
+``max_iters`` iterations, ending on the device once every column is below ``tol``
+(:func:`~cola_curvature.matfree._loops.iterate`). ``info`` then holds traced arrays, and
+the checks that need values move into the compiled function: a column that stops above
+``tol`` gives a :class:`~cola_curvature.ConvergenceWarning` at run time (through
+``jax.debug.callback``) and, with ``on_failure="raise"``, comes back as NaN; a column
+on which CG meets ``pᵀAp ≤ 0`` comes back as NaN (eagerly a ``ValueError``). The
+compiled loop is not reverse-differentiable (``jax.grad`` through a jitted solve fails);
+eager ``jax.grad`` runs the Python loop and differentiates through it.
 """
 
 from __future__ import annotations
@@ -14,8 +24,10 @@ from typing import Any
 
 from cola.ops import LinearOperator
 
+from cola_curvature._tracing import is_abstract
 from cola_curvature.algorithms import CG, MINRES, Neumann
-from cola_curvature.matfree._convergence import report_failure
+from cola_curvature.matfree._convergence import report_failure, report_failure_traced
+from cola_curvature.matfree._loops import iterate
 from cola_curvature.matfree._random import gaussian
 from cola_curvature.matfree.krylov import gauss_quadrature
 
@@ -32,7 +44,8 @@ def conjugate_gradient(A: LinearOperator, B: Array, alg: CG) -> tuple[Array, dic
 
     Per column: ``α = rᵀr / pᵀAp``, ``x += α p``, ``r −= α A p``, ``p = r + (r'ᵀr'/rᵀr) p``
     (Hestenes & Stiefel 1952); the error in the ``A``-norm falls at least as
-    ``2 ((√κ − 1)/(√κ + 1))^j``.
+    ``2 ((√κ − 1)/(√κ + 1))^j``. Inside ``jax.jit`` a column meeting ``pᵀAp ≤ 0`` is
+    frozen and returned as NaN with residual NaN.
 
     Raises:
         ValueError: when ``pᵀ A p ≤ 0`` on an active column: ``A`` is not positive
@@ -41,30 +54,42 @@ def conjugate_gradient(A: LinearOperator, B: Array, alg: CG) -> tuple[Array, dic
     """
     xnp = A.xnp
     b_norm = _safe(xnp.norm(B, axis=0), xnp)
-    X = xnp.zeros_like(B)
-    R = B
-    P = R
-    rr = xnp.sum(R * R, axis=0)
-    iterations = 0
-    for _ in range(alg.max_iters):
-        active = xnp.sqrt(rr) / b_norm > alg.tol
-        if not bool(xnp.any(active)):
-            break
+    traced = is_abstract(b_norm)
+    zeros = xnp.zeros_like(b_norm)
+
+    def moving(state: tuple) -> Array:
+        rr, indefinite = state[3], state[4]
+        return (xnp.sqrt(rr) / b_norm > alg.tol) & ~indefinite
+
+    def step(_: Any, state: tuple) -> tuple:
+        X, R, P, rr, indefinite = state
+        active = moving(state)
         AP = A @ P
         curvature = xnp.sum(P * AP, axis=0)
-        if bool(xnp.any(active & (curvature <= 0))):
+        negative = active & (curvature <= 0)
+        if not traced and bool(xnp.any(negative)):
             raise ValueError(
                 "CG met pᵀAp <= 0: the operator is not positive definite. Damp it "
                 "(A + λ I) or solve with cola_curvature.MINRES()."
             )
-        alpha = xnp.where(active, rr / _safe(curvature, xnp), xnp.zeros_like(rr))
+        active = active & ~negative
+        alpha = xnp.where(active, rr / _safe(curvature, xnp), zeros)
         X = X + alpha * P
         R = R - alpha * AP
         rr_next = xnp.sum(R * R, axis=0)
-        P = R + xnp.where(active, rr_next / _safe(rr, xnp), xnp.zeros_like(rr)) * P
+        P = R + xnp.where(active, rr_next / _safe(rr, xnp), zeros) * P
         rr = xnp.where(active, rr_next, rr)
-        iterations += 1
-    return X, {"iterations": iterations, "relative_residual": xnp.sqrt(rr) / b_norm}
+        return X, R, P, rr, indefinite | negative
+
+    start = (xnp.zeros_like(B), B, B, xnp.sum(B * B, axis=0), b_norm < 0)
+    iterations, (X, _, _, rr, indefinite) = iterate(
+        step, start, alg.max_iters, xnp, traced=traced, done=lambda s: ~xnp.any(moving(s))
+    )
+    residual = xnp.sqrt(rr) / b_norm
+    if traced:
+        X = xnp.where(indefinite[None, :], X + float("nan"), X)
+        residual = xnp.where(indefinite, residual + float("nan"), residual)
+    return X, {"iterations": iterations, "relative_residual": residual}
 
 
 def minres(A: LinearOperator, B: Array, alg: MINRES) -> tuple[Array, dict]:
@@ -80,22 +105,19 @@ def minres(A: LinearOperator, B: Array, alg: MINRES) -> tuple[Array, dict]:
     beta_first = xnp.norm(B, axis=0)
     b_norm = _safe(beta_first, xnp)
     zeros = xnp.zeros_like(beta_first)
-    X = xnp.zeros_like(B)
-    r_previous, r_current, y = B, B, B
-    beta, beta_old = beta_first, zeros
-    delta_bar, epsilon = zeros, zeros
-    phi_bar = beta_first
-    cosine, sine = zeros - 1, zeros
-    w, w_previous = xnp.zeros_like(B), xnp.zeros_like(B)
-    iterations = 0
-    for step in range(alg.max_iters):
-        active = (phi_bar / b_norm > alg.tol) & (beta > 0)
-        if not bool(xnp.any(active)):
-            break
+
+    def moving(state: tuple) -> Array:
+        beta, phi_bar = state[4], state[8]
+        return (phi_bar / b_norm > alg.tol) & (beta > 0)
+
+    def step(_: Any, state: tuple) -> tuple:
+        X, r_previous, r_current, y, beta, beta_old, delta_bar, epsilon, phi_bar = state[:9]
+        cosine, sine, w, w_previous = state[9:]
+        active = moving(state)
         v = y / _safe(beta, xnp)
         y = A @ v
-        if step > 0:
-            y = y - (beta / _safe(beta_old, xnp)) * r_previous
+        # the three-term recurrence; β_old = 0 only before the first step
+        y = y - xnp.where(beta_old != 0, beta / _safe(beta_old, xnp), zeros) * r_previous
         alpha = xnp.sum(v * y, axis=0)
         y = y - (alpha / _safe(beta, xnp)) * r_current
         r_previous, r_current = r_current, y
@@ -112,14 +134,34 @@ def minres(A: LinearOperator, B: Array, alg: MINRES) -> tuple[Array, dict]:
         w = (v - epsilon_old * w_older - delta * w_previous) / gamma
         X = X + xnp.where(active, phi, zeros) * w
         phi_bar = xnp.where(active, sine * phi_bar, phi_bar)
-        iterations += 1
-    return X, {"iterations": iterations, "relative_residual": phi_bar / b_norm}
+        return (X, r_previous, r_current, y, beta, beta_old, delta_bar, epsilon, phi_bar) + (
+            cosine,
+            sine,
+            w,
+            w_previous,
+        )
+
+    empty = xnp.zeros_like(B)
+    start = (empty, B, B, B, beta_first, zeros, zeros, zeros, beta_first, zeros - 1, zeros)
+    iterations, state = iterate(
+        step,
+        start + (empty, empty),
+        alg.max_iters,
+        xnp,
+        traced=is_abstract(beta_first),
+        done=lambda s: ~xnp.any(moving(s)),
+    )
+    return state[0], {"iterations": iterations, "relative_residual": state[8] / b_norm}
 
 
-def largest_eigenvalue_estimate(A: LinearOperator, num_steps: int = 20, seed: int = 0) -> float:
-    """Return the largest Ritz value of ``num_steps`` Lanczos steps (a lower bound on ``λ_max``)."""
+def largest_eigenvalue_estimate(A: LinearOperator, num_steps: int = 20, seed: int = 0) -> Any:
+    """Return the largest Ritz value of ``num_steps`` Lanczos steps (a lower bound on ``λ_max``).
+
+    A ``float`` eagerly, a scalar array inside ``jax.jit``.
+    """
     nodes, _ = gauss_quadrature(A, gaussian(A, 1, seed), num_steps)
-    return float(nodes.max())
+    largest = A.xnp.max(nodes)
+    return largest if is_abstract(largest) else float(largest)
 
 
 def neumann(A: LinearOperator, B: Array, alg: Neumann) -> tuple[Array, dict]:
@@ -131,37 +173,60 @@ def neumann(A: LinearOperator, B: Array, alg: Neumann) -> tuple[Array, dict]:
     residual has grown by ``10³``.
     """
     xnp = A.xnp
-    step = alg.step if alg.step is not None else 1 / largest_eigenvalue_estimate(A)
+    step_size = alg.step if alg.step is not None else 1 / largest_eigenvalue_estimate(A)
     b_norm = _safe(xnp.norm(B, axis=0), xnp)
-    X = xnp.zeros_like(B)
-    R = B
-    residual = xnp.norm(R, axis=0) / b_norm
-    iterations = 0
-    for _ in range(alg.max_iters):
+
+    def step(_: Any, state: tuple) -> tuple:
+        X, R, residual = state
         active = residual > alg.tol
-        if not bool(xnp.any(active)) or float(residual.max()) > 1e3:
-            break
-        X = X + xnp.where(active, step + 0 * residual, 0 * residual) * R
-        R = xnp.where(active[None, :], R - step * (A @ R), R)
-        residual = xnp.norm(R, axis=0) / b_norm
-        iterations += 1
-    return X, {"iterations": iterations, "relative_residual": residual, "step": step}
+        X = X + xnp.where(active, step_size + 0 * residual, 0 * residual) * R
+        R = xnp.where(active[None, :], R - step_size * (A @ R), R)
+        return X, R, xnp.norm(R, axis=0) / b_norm
+
+    def done(state: tuple) -> Array:
+        residual = state[2]
+        return ~xnp.any(residual > alg.tol) | (xnp.max(residual) > 1e3)
+
+    start = (xnp.zeros_like(B), B, xnp.norm(B, axis=0) / b_norm)
+    iterations, (X, _, residual) = iterate(
+        step, start, alg.max_iters, xnp, traced=is_abstract(b_norm), done=done
+    )
+    return X, {"iterations": iterations, "relative_residual": residual, "step": step_size}
 
 
 _SOLVERS = {CG: conjugate_gradient, MINRES: minres, Neumann: neumann}
 
 
+def _failure_message(alg: CG | MINRES | Neumann, iterations: Any, worst: Any) -> str:
+    """Return the message for a solve that stopped above ``alg.tol``."""
+    return (
+        f"{type(alg).__name__} stopped after {int(iterations)} iterations at relative "
+        f"residual {float(worst):.2e} > tol={alg.tol:.1e}; raise max_iters, damp the "
+        "operator, or choose another alg."
+    )
+
+
 def solve(A: LinearOperator, B: Array, alg: CG | MINRES | Neumann) -> tuple[Array, dict]:
-    """Solve ``A X = B`` with ``alg``; warn or raise (``alg.on_failure``) above ``alg.tol``."""
+    """Solve ``A X = B`` with ``alg``; warn or raise (``alg.on_failure``) above ``alg.tol``.
+
+    Inside ``jax.jit`` the warning comes when the compiled function runs, and
+    ``on_failure="raise"`` returns the columns above ``tol`` as NaN instead of raising.
+    """
     X, info = _SOLVERS[type(alg)](A, B, alg)
-    worst = float(info["relative_residual"].max())
-    if not worst <= alg.tol:
-        report_failure(
-            f"{type(alg).__name__} stopped after {info['iterations']} iterations at relative "
-            f"residual {worst:.2e} > tol={alg.tol:.1e}; raise max_iters, damp the operator, "
-            "or choose another alg.",
-            alg.on_failure,
+    residual = info["relative_residual"]
+    worst = residual.max()
+    if is_abstract(worst):
+        report_failure_traced(
+            ~(worst <= alg.tol),
+            lambda iterations, value: _failure_message(alg, iterations, value),
+            info["iterations"],
+            worst,
         )
+        if alg.on_failure == "raise":
+            X = A.xnp.where((residual <= alg.tol)[None, :], X, X + float("nan"))
+        return X, info
+    if not float(worst) <= alg.tol:
+        report_failure(_failure_message(alg, info["iterations"], worst), alg.on_failure)
     return X, info
 
 

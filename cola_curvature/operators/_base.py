@@ -9,6 +9,7 @@ from typing import Any
 from cola.annotations import SelfAdjoint
 from cola.ops import LinearOperator
 
+from cola_curvature._tracing import is_abstract
 from cola_curvature.backends import CurvatureBackend, curvature_backend
 from cola_curvature.operators._data import NONDETERMINISM_CAUSES, CurvatureData
 from cola_curvature.operators._interface import ParameterSpaceInterface
@@ -37,6 +38,7 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
         batch_size_fn: ``X -> int`` for inputs that are not a single array.
         check_deterministic: Verify at construction that data, model and products are
             deterministic (two passes over the data, two products, identical results).
+            Needs values: pass ``False`` when building the operator inside ``jax.jit``.
         progressbar: Show a progress bar over batches during each product.
         distributed: ``data`` is this rank's shard of a data set split over an
             initialised ``torch.distributed`` process group; every product is summed over
@@ -99,9 +101,23 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
         return self._data.combine(backend.flatten(total))
 
     def _check_deterministic(self) -> None:
-        """Raise ``RuntimeError`` when data, model outputs or products are not reproducible."""
-        self._data.check_reproducible()
+        """Raise ``RuntimeError`` when data, model outputs or products are not reproducible.
+
+        Raises:
+            ValueError: inside ``jax.jit`` (or another transformation without values),
+                where two products cannot be compared.
+
+        """
         like = self.xnp.zeros((1,), dtype=self.dtype, device=self.device)
         probe = self._backend.random(0).normal((self.shape[1], 1), like)
-        if not self._backend.arrays_close(self._matmat(probe), self._matmat(probe)):
+        first = self._matmat(probe)
+        if is_abstract(first):
+            raise ValueError(
+                f"check_deterministic compares two products by value, which {type(self).__name__} "
+                "cannot do on traced parameters or data (inside jax.jit or jax.vmap). Pass "
+                "check_deterministic=False there, and check once outside the transformation "
+                "with concrete values if needed."
+            )
+        self._data.check_reproducible()
+        if not self._backend.arrays_close(first, self._matmat(probe)):
             raise RuntimeError(f"Two products with the same vector differ. {NONDETERMINISM_CAUSES}")
