@@ -252,22 +252,33 @@ class SequenceClassifier(nn.Module):
 
 
 def reference_models():
-    """(name, model, data, layers) for an MLP, a CNN and a weight-sharing model, CE loss."""
+    """(name, model, data, layers) for an MLP, two CNNs and a weight-sharing model, CE loss.
+
+    The second CNN's convolution has a non-square kernel, strides, dilation and padding.
+    """
     torch.manual_seed(9)
     mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
     cnn = nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)
     ).to(F64)
+    strided = nn.Sequential(
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(2, 1)),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(60, 3),
+    ).to(F64)
     seq = SequenceClassifier().to(F64)
-    X_mlp, X_cnn, X_seq = (
+    X_mlp, X_cnn, X_strided, X_seq = (
         torch.randn(6, 3, dtype=F64),
         torch.randn(6, 2, 4, 4, dtype=F64),
+        torch.randn(6, 2, 5, 5, dtype=F64),
         torch.randn(6, 4, 3, dtype=F64),
     )
     y, y_seq = torch.randint(0, 3, (6,)), torch.randint(0, 3, (6, 4))
     return {
         "mlp": (mlp, uneven_batches(X_mlp, y), [mlp[0], mlp[2]]),
         "cnn": (cnn, uneven_batches(X_cnn, y), [cnn[0], cnn[4]]),
+        "strided-cnn": (strided, uneven_batches(X_strided, y), [strided[0], strided[3]]),
         "sequence": (seq, uneven_batches(X_seq, y_seq), [seq.shared, seq.head]),
     }
 
@@ -285,7 +296,7 @@ def sampled_targets(model, loss, data, mc_samples, seed):
     return per_example
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "cnn", "sequence"])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "strided-cnn", "sequence"])
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical", "mc"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])

@@ -14,26 +14,33 @@ Array = Any
 
 
 def _second_moment(x: Array, approx: KFACApprox, reduce_op: str) -> Array:
-    """Return ``Σ_{n,t} x xᵀ`` (expand) or ``Σ_n x̄ x̄ᵀ`` with ``x̄ = op_t x`` (reduce)."""
+    """Return ``Σ_{n,t} x xᵀ`` (expand) or ``Σ_n x̄ x̄ᵀ`` with ``x̄ = op_t x`` (reduce).
+
+    Expand is one product ``Xᵀ (Xᵀ)ᵀ`` of the feature-major ``(features, N T)`` matrix: free
+    to form when the features are the slowest axis in memory (the torch backend's layout).
+    """
     if approx is KFACApprox.REDUCE:
         x = x.mean(1) if reduce_op == "mean" else x.sum(1)
-    else:
-        x = x.reshape(-1, x.shape[-1])
-    return x.T @ x
+        return x.T @ x
+    xnp = get_library_fns(x.dtype)
+    columns = xnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1)
+    return columns @ columns.T
 
 
 def _augment(a: Array, layer: Any) -> Array:
     """Return the block's input features ``ã``: ``[a, 1]``, ``a`` or ``[1]``.
 
     The weight contributes ``a`` when it is part of the curvature (``layer.weight_index``
-    is set), the bias a constant 1 (``layer.bias_index`` is set).
+    is set), the bias a constant 1 (``layer.bias_index`` is set). The ones are appended
+    along the leading axis of the feature-major view, so feature-major inputs stay so.
     """
     if layer.weight_index is None:
         a = a[..., :0]
     if layer.bias_index is None:
         return a
     xnp = get_library_fns(a.dtype)
-    return xnp.concat([a, xnp.ones_like(a[..., :1])], axis=-1)
+    features = xnp.moveaxis(a, -1, 0)
+    return xnp.moveaxis(xnp.concat([features, xnp.ones_like(features[:1])], axis=0), 0, -1)
 
 
 @dataclass

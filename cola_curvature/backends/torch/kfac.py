@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.functional import unfold
+from torch.nn.functional import pad
 
 from cola_curvature.losses import Loss
 from cola_curvature.operators.kronecker_statistics import LayerSignals, _augment, output_cotangents
@@ -69,25 +69,29 @@ def kronecker_layers(model: nn.Module, params: Sequence[torch.Tensor]) -> list[K
 
 
 def _layer_inputs(layer: KroneckerLayer, inputs: torch.Tensor) -> torch.Tensor:
-    """Return the layer inputs as ``(N, T, in)``: ``T`` shared positions (sequence or patches)."""
+    """Return the layer inputs as ``(N, T, in)``: ``T`` shared positions (sequence or patches).
+
+    A ``Conv2d``'s patches are copied once from a strided view of the padded input into
+    feature-major memory ``(in, N, T)`` (in ``unfold``'s column order ``(c, k_h, k_w)``), and
+    returned as an ``(N, T, in)`` view of it.
+    """
     module = layer.module
     if isinstance(module, nn.Conv2d):
-        patches = unfold(
-            inputs,
-            kernel_size=module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,
-            stride=module.stride,
-        )
-        return patches.transpose(1, 2)
+        padded = pad(inputs, module._reversed_padding_repeated_twice)
+        (k_h, k_w), (d_h, d_w), (s_h, s_w) = module.kernel_size, module.dilation, module.stride
+        windows = padded.unfold(2, (k_h - 1) * d_h + 1, s_h).unfold(3, (k_w - 1) * d_w + 1, s_w)
+        windows = windows[..., ::d_h, ::d_w]
+        n, positions = inputs.shape[0], windows.shape[2] * windows.shape[3]
+        features = windows.permute(1, 4, 5, 0, 2, 3).reshape(-1, n, positions)
+        return features.permute(1, 2, 0)
     return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
 
 
 def _layer_output_grads(layer: KroneckerLayer, grads: torch.Tensor) -> torch.Tensor:
-    """Return gradients w.r.t. the layer output as ``(N, T, out)``."""
+    """Return gradients w.r.t. the layer output, ``(C', N, …)``, as a ``(C', N, T, out)`` view."""
     if isinstance(layer.module, nn.Conv2d):
-        return grads.flatten(start_dim=2).transpose(1, 2)
-    return grads.reshape(grads.shape[0], -1, grads.shape[-1])
+        return grads.flatten(start_dim=3).transpose(2, 3)
+    return grads.reshape(grads.shape[0], grads.shape[1], -1, grads.shape[-1])
 
 
 def layer_signals(
@@ -152,7 +156,5 @@ def layer_signals(
     for layer, grad, s in zip(layers, grads, layer_outputs, strict=True):
         if grad is None:
             grad = torch.zeros((cotangents.shape[0], *s.shape), dtype=s.dtype, device=s.device)
-        output_grads[layer.name] = torch.stack(
-            [_layer_output_grads(layer, column) for column in grad]
-        )
+        output_grads[layer.name] = _layer_output_grads(layer, grad)
     return LayerSignals(layer_inputs, output_grads, scale)
