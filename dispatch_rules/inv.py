@@ -15,10 +15,14 @@ from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import CurvatureInverse, MatrixFreeCurvature
 
 
-# (P ⊕_l (Q_G⊗Q_A) S_l (Q_G⊗Q_A)ᵀ Pᵀ)⁻¹ = P ⊕_l (Q_G⊗Q_A) S_l⁻¹ (Q_G⊗Q_A)ᵀ Pᵀ
+# (P ⊕_l (Q_G⊗Q_A) S_l (Q_G⊗Q_A)ᵀ Pᵀ)⁻¹ = P ⊕_l (Q_G⊗Q_A) S_l⁻¹ (Q_G⊗Q_A)ᵀ Pᵀ; (G⊗A)⁻¹ = G⁻¹⊗A⁻¹
 @dispatch(precedence=1)
 def inv(A: KroneckerFactored, alg: Algorithm):
     """Return ``K⁻¹``, exact and Kronecker-factored; ``alg`` is not used.
+
+    Blocks that hold both factors (undamped or heuristically damped KFAC) invert as
+    ``G⁻¹ ⊗ A⁻¹`` (two products per column); eigen-form blocks (exact damping, EKFAC) as
+    ``(Q_G⊗Q_A) S⁻¹ (Q_G⊗Q_A)ᵀ`` (four).
 
     Raises:
         ValueError: when ``K`` is singular (damp it first: ``K + λ * cola.ops.I_like(K)``).
@@ -28,7 +32,7 @@ def inv(A: KroneckerFactored, alg: Algorithm):
             "This Kronecker-factored operator is singular or indefinite (an eigenvalue is "
             "<= 0); invert a damped version, e.g. cola.linalg.inv(K + λ * cola.ops.I_like(K))."
         )
-    return A.map_spectrum(lambda s: 1 / s)
+    return A.inverse()
 
 
 # (P ⊕_l (Q_G⊗Q_A) S_l (Q_G⊗Q_A)ᵀ Pᵀ)⁺ = P ⊕_l (Q_G⊗Q_A) S_l⁺ (Q_G⊗Q_A)ᵀ Pᵀ

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import cola_curvature as cc
+from cola_curvature.operators import kronecker
 from tests._tols import EXACT_RTOL
 
 F64 = torch.float64
@@ -241,3 +242,26 @@ def test_scalar_multiples_stay_structured_and_differentiable():
     assert abs(logdet - reference) < 1e-10 * abs(reference)
     assert torch.allclose(sigma.grad, sigma_ref.grad, rtol=1e-9)
     assert torch.allclose(delta.grad, delta_ref.grad, rtol=1e-9)
+
+
+def test_two_factor_blocks_invert_as_factor_inverses_without_a_new_eigendecomposition(
+    monkeypatch,
+):
+    kfac = build(cc.KFAC)
+    calls = []
+    original = kronecker.symmetric_eigh
+    monkeypatch.setattr(kronecker, "symmetric_eigh", lambda m: calls.append(m) or original(m))
+    for damped in [kfac.damped(DAMPING, mode="heuristic"), (2.5 * kfac).damped(1.0, "heuristic")]:
+        inverse = cola.linalg.inv(damped)
+        assert all(isinstance(block, cc.KroneckerBlock) for block in inverse.blocks)
+        expected = torch.linalg.inv(damped.to_dense())
+        assert relative_error(inverse.to_dense(), expected) < 1e-9
+        b = torch.randn(kfac.shape[0], 3, dtype=F64)
+        assert relative_error(inverse @ b, expected @ b) < 1e-9
+        spectrum = torch.linalg.eigvalsh(expected)
+        assert torch.allclose(inverse.eigenvalues().sort().values, spectrum, rtol=1e-9)
+        for block in [*damped.blocks, *inverse.blocks]:
+            (values_out, q_out), (values_in, q_in) = block.factor_eigh()
+            assert relative_error((q_out * values_out) @ q_out.T, block.output_factor) < 1e-12
+            assert relative_error((q_in * values_in) @ q_in.T, block.input_factor) < 1e-12
+    assert len(calls) == 2 * len(kfac.blocks)

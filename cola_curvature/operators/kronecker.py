@@ -18,22 +18,40 @@ class KroneckerBlock(Kronecker):
     """A block ``G ⊗ A`` with dense symmetric factors (row-major ``vec`` of an ``out × in`` matrix).
 
     ``G`` (``out × out``) acts on the rows of a weight matrix and ``A`` (``in × in``) on its
-    columns: ``(G ⊗ A) vec(W) = vec(G W A)``. Its eigendecomposition is computed on first
-    use, in float64, and cached (``cost O(out³ + in³)``).
+    columns: ``(G ⊗ A) vec(W) = vec(G W A)``. The factors' eigendecompositions are computed
+    on first use, in float64, and cached (``cost O(out³ + in³)``); a block derived from
+    another (:meth:`scaled`, :meth:`heuristically_damped`, :meth:`inverse`) derives them from
+    its parent's instead, through ``factor_eigh``, a function returning them.
     """
 
-    def __init__(self, output_factor: Array, input_factor: Array) -> None:
+    def __init__(
+        self,
+        output_factor: Array,
+        input_factor: Array,
+        factor_eigh: Callable[[], tuple[tuple[Array, Array], tuple[Array, Array]]] | None = None,
+    ) -> None:
         super().__init__(Dense(output_factor), Dense(input_factor))
         self.output_factor = output_factor
         self.input_factor = input_factor
-        self._cache: dict[str, EigenKronecker] = {}
+        self._factor_eigh_source = factor_eigh
+        self._cache: dict[str, Any] = {}
+
+    def factor_eigh(self) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+        """Return ``((λ_G, Q_G), (λ_A, Q_A))``, the factors' eigendecompositions (cached)."""
+        if "factor_eigh" not in self._cache:
+            source = self._factor_eigh_source
+            self._cache["factor_eigh"] = (
+                source()
+                if source is not None
+                else (symmetric_eigh(self.output_factor), symmetric_eigh(self.input_factor))
+            )
+        return self._cache["factor_eigh"]
 
     def eigen(self) -> EigenKronecker:
         """Return ``(Q_G ⊗ Q_A) diag(λ_G ⊗ λ_A) (Q_G ⊗ Q_A)ᵀ``, the same matrix in eigen-form."""
         if "eigen" not in self._cache:
             xnp = self.xnp
-            values_out, q_out = symmetric_eigh(self.output_factor)
-            values_in, q_in = symmetric_eigh(self.input_factor)
+            (values_out, q_out), (values_in, q_in) = self.factor_eigh()
             eigenvalues = values_out[:, None] * values_in[None, :]
             self._cache["eigen"] = EigenKronecker(q_out, q_in, xnp.cast(eigenvalues, self.dtype))
         return self._cache["eigen"]
@@ -66,15 +84,41 @@ class KroneckerBlock(Kronecker):
         The eigenvalues are scaled, not recomputed: a posterior ``H / σ² + δ I`` evaluated
         for many ``(σ, δ)`` decomposes ``H``'s factors once.
         """
-        block = KroneckerBlock(factor * self.output_factor, self.input_factor)
+
+        def factor_eigh() -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+            (values_out, q_out), eigh_in = self.factor_eigh()
+            return (factor * values_out, q_out), eigh_in
+
+        block = KroneckerBlock(factor * self.output_factor, self.input_factor, factor_eigh)
         block._cache["eigen"] = self.eigen().scaled(factor)
         return block
+
+    def inverse(self) -> KroneckerBlock:
+        """Return ``(G ⊗ A)⁻¹ = G⁻¹ ⊗ A⁻¹`` with ``G⁻¹ = Q_G Λ_G⁻¹ Q_Gᵀ`` (likewise ``A⁻¹``).
+
+        The factor inverses come from the cached eigendecompositions (``O(out³ + in³)``
+        once); a product then costs two matrix products per column, not the eigen-form's four.
+        """
+        (values_out, q_out), (values_in, q_in) = self.factor_eigh()
+        return KroneckerBlock(
+            (q_out / values_out) @ q_out.T,
+            (q_in / values_in) @ q_in.T,
+            lambda: ((1 / values_out, q_out), (1 / values_in, q_in)),
+        )
+
+    def _matmat(self, X: Array) -> Array:
+        """Return ``vec(G W Aᵀ)`` for every column ``vec(W)`` of ``X``: two matrix products."""
+        out, inp = self.output_factor.shape[0], self.input_factor.shape[0]
+        columns = X.T.reshape(X.shape[1], out, inp)
+        result = self.output_factor @ columns @ self.input_factor.T
+        return result.reshape(X.shape[1], out * inp).T
 
     def heuristically_damped(self, damping: float) -> KroneckerBlock:
         """Return ``(G + √λ/π I) ⊗ (A + π√λ I)``, ``π = √((tr A / dim A) / (tr G / dim G))``.
 
         The π-heuristic of Martens & Grosse (2015) splits ``λ`` between the factors so both
-        are damped in proportion to their average eigenvalue.
+        are damped in proportion to their average eigenvalue. The damped factors keep the
+        eigenvectors; their eigenvalues are shifted, so no new eigendecomposition is needed.
         """
         xnp = self.xnp
         out, inp = self.output_factor.shape[0], self.input_factor.shape[0]
@@ -85,8 +129,16 @@ class KroneckerBlock(Kronecker):
         device = xnp.get_device(self.output_factor)
         eye_out = xnp.eye(out, out, dtype=self.dtype, device=device)
         eye_in = xnp.eye(inp, inp, dtype=self.dtype, device=device)
+        shift_out, shift_in = root / pi, root * pi
+
+        def factor_eigh() -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+            (values_out, q_out), (values_in, q_in) = self.factor_eigh()
+            return (values_out + shift_out, q_out), (values_in + shift_in, q_in)
+
         return KroneckerBlock(
-            self.output_factor + (root / pi) * eye_out, self.input_factor + (root * pi) * eye_in
+            self.output_factor + shift_out * eye_out,
+            self.input_factor + shift_in * eye_in,
+            factor_eigh,
         )
 
 
@@ -190,6 +242,20 @@ class KroneckerFactored(BlockDiag):
         """Return ``P · BlockDiag(fn(B_l)) · Pᵀ`` for a spectral function ``fn`` of each block."""
         return self.with_blocks([block.map_spectrum(fn) for block in self.blocks])
 
+    def inverse(self) -> KroneckerFactored:
+        """Return ``P · BlockDiag(B_l⁻¹) · Pᵀ``.
+
+        Blocks holding both factors become ``G⁻¹ ⊗ A⁻¹`` (two products per column), the
+        others ``B⁻¹`` through their spectrum.
+        """
+        blocks = [
+            block.inverse()
+            if isinstance(block, KroneckerBlock)
+            else block.map_spectrum(_reciprocal)
+            for block in self.blocks
+        ]
+        return self.with_blocks(blocks)
+
     def damped(self, damping: float, mode: str = "exact") -> KroneckerFactored:
         """Return the damped operator, still Kronecker-factored.
 
@@ -270,6 +336,11 @@ class KroneckerFactored(BlockDiag):
     def from_block_order(self, vector: Array) -> Array:
         """Reorder a vector given in block order into the user's parameter order."""
         return vector[self.inverse_permutation]
+
+
+def _reciprocal(values: Array) -> Array:
+    """Return ``1 / values``."""
+    return 1 / values
 
 
 def _symmetric_dense(op: LinearOperator) -> Array | None:
