@@ -1,7 +1,8 @@
 # Set-up and entry points; each target installs what it needs into $(VENV) first.
 #   make test    the whole suite on 2 workers (what .ci/run runs); serial: make test PYTEST_ARGS=-q
 #   make demo    examples/demo.py
-#   make bench   benchmarks/products.py
+#   make bench   benchmarks/harness.py: products, KFAC, curvlinops and JAX vs one gradient
+#                (about 10 min; writes benchmarks/RESULTS.md and benchmarks/results/harness.*)
 #   make lint    ruff check + ruff format --check
 PYTHON ?= python3
 VENV ?= .venv-ci
@@ -9,6 +10,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
 PYTEST_ARGS ?= -n 2 -q
+BENCH_ARGS ?=
 # Peers the benchmarks and tests/test_laplace_torch.py compare against; --no-deps:
 # backpack-for-pytorch and laplace-torch require torchvision, which would replace the pinned
 # CPU torch. laplace-torch imports asdl (from asdfghjkl), backpack (needs unfoldNd) and
@@ -42,7 +44,7 @@ demo: $(VENV)/.stamp-demo
 	$(BIN)/python examples/demo.py
 
 bench: $(VENV)/.stamp-bench $(VENV)/.installed-peers
-	$(BIN)/python benchmarks/products.py
+	$(BIN)/python -m benchmarks.harness $(BENCH_ARGS)
 
 lint: $(VENV)/.stamp-test
 	$(BIN)/ruff check $(LINTED)

@@ -1,0 +1,63 @@
+"""The benchmark harness runs end to end in quick mode and writes its table, JSON and chart."""
+
+import json
+
+from benchmarks import harness, report
+
+
+def test_quick_harness_writes_table_json_and_chart(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# by hand\n\n{report.BEGIN}\nstale\n{report.END}\n\n## kept\n")
+    rows = "GGN @ v|KFAC build type-2|inverse"
+    harness.main(
+        ["--quick", "--in-process", "--models", "tiny", "--select", rows]
+        + ["--output-dir", str(tmp_path), "--results-md", str(results)]
+    )
+    record = json.loads((tmp_path / "harness.json").read_text())
+    assert set(record["models"]["tiny"]) == {"torch", "jax"}
+    torch_rows = record["models"]["tiny"]["torch"]["measurements"]
+    expected = {"plain|gradient", "ours|GGN @ v", "curvlinops|GGN @ v", "plain|GGN @ v"}
+    expected |= {
+        f"{impl}|{row}"
+        for impl in ("ours", "curvlinops")
+        for row in ("KFAC build type-2", report.KFAC_INVERSE_ROW)
+    }
+    assert expected <= set(torch_rows)
+    assert all(entry["ratio_median"] > 0 for entry in torch_rows.values())
+    assert torch_rows["ours|GGN @ v"]["vs_curvlinops"] > 0
+    assert torch_rows["ours|GGN @ v"]["memory_ratio"] > 0
+    jax_rows = record["models"]["tiny"]["jax"]["measurements"]
+    assert {"plain|gradient", "ours|GGN @ v", "plain|GGN @ v"} <= set(jax_rows)
+    text = results.read_text()
+    assert text.startswith("# by hand") and text.endswith("## kept\n")
+    assert "stale" not in text
+    assert "| GGN @ v |" in text and "harness.png" in text
+    assert (tmp_path / "harness.png").stat().st_size > 0
+
+
+def test_report_ratios_and_target_verdicts():
+    def entry(row, impl, seconds, columns=1):
+        return {"row": row, "impl": impl, "columns": columns, "median_s": seconds, "min_s": seconds}
+
+    torch_rows = [
+        entry("gradient", "plain", 2.0),
+        entry("GGN @ v", "ours", 2.0),
+        entry("GGN @ v", "curvlinops", 5.0),
+        entry(f"GGN {report.MATRIX_ROW}", "ours", 32.0, columns=8),
+    ]
+    jax_rows = [entry("gradient", "plain", 1.0), entry("GGN @ v", "ours", 1.5)]
+    record = {
+        "models": {
+            "cnn": {
+                framework: {"measurements": {f"{e['impl']}|{e['row']}": e for e in rows}}
+                for framework, rows in (("torch", torch_rows), ("jax", jax_rows))
+            }
+        }
+    }
+    report.add_ratios(record)
+    table = report.model_table("cnn", record["models"]["cnn"])
+    # GGN @ v: 1.0 gradients (≤ 1.5 met), 0.4× curvlinops (≤ 0.6 met), JAX 1.5 (≤ 1.3 missed)
+    assert "| GGN @ v | 1.00 | 2.50 | 0.40 |" in table
+    assert "met (1.00); met (0.40); missed (1.50) |" in table
+    # 8 columns: 32 s / 8 / 2 s = 2.0 per column, over the 1.0 bound; no curvlinops row
+    assert "missed (2.00); not measured |" in table
