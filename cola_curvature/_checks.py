@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from cola_curvature.backends import CurvatureBackend
@@ -15,6 +15,29 @@ def check_data(data: Any) -> None:
             f"data must be a re-iterable of (X, y) batches such as a list or a DataLoader, "
             f"got {type(data).__name__}; wrap a generator in list(...)."
         )
+
+
+def _array_leaves(obj: Any) -> Iterator[Any]:
+    """Yield the array-like leaves (anything with ``shape`` and ``dtype``) of nested batches."""
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _array_leaves(item)
+    elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        yield obj
+
+
+def check_array_library(batch: Any, accepted: tuple[type, ...], model: str, fix: str) -> None:
+    """Raise ``TypeError`` when a batch holds arrays of another library.
+
+    E.g. torch tensors in the data of a JAX model or JAX arrays in a torch model's: the
+    message names the array type and ``fix``, the conversion to apply.
+    """
+    for leaf in _array_leaves(batch):
+        if not isinstance(leaf, accepted):
+            kind = f"{type(leaf).__module__}.{type(leaf).__name__}"
+            raise TypeError(f"data holds a {kind}, but {model} needs {fix}.")
 
 
 def _unpack(batch: Any, index: int) -> tuple[Any, Any]:

@@ -8,6 +8,7 @@ maps torch's flat order onto it.
 from dataclasses import dataclass
 from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
@@ -26,6 +27,16 @@ def linear(params, name, x):
 def mlp_fn(params, x):
     """``Sequential(Linear(4, 5), Tanh(), Linear(5, 3))``."""
     return linear(params, "2", jnp.tanh(linear(params, "0", x)))
+
+
+def cnn_fn(params, x):
+    """``Sequential(Conv2d(2, 3, 3), ReLU(), MaxPool2d(2), Flatten(), Linear(12, 3))``, NCHW."""
+    h = jax.lax.conv_general_dilated(
+        x, params["0.weight"], (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
+    h = jax.nn.relu(h + params["0.bias"][:, None, None])
+    h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+    return linear(params, "4", h.reshape(h.shape[0], -1))
 
 
 def sequence_fn(params, x, channels_first):
@@ -54,10 +65,12 @@ class JaxProblem:
 
 
 def build_jax_problem(case: Case, seed=0) -> JaxProblem:
-    """Convert the torch problem of ``case`` (models ``mlp`` and ``sequence``) to JAX."""
+    """Convert the torch problem of ``case`` (models ``mlp``, ``cnn``, ``sequence``) to JAX."""
     model, loss_func, params, data = torch_problem = case.build(seed)
     if case.model == "mlp":
         model_fn = mlp_fn
+    elif case.model == "cnn":
+        model_fn = cnn_fn
     else:
         model_fn = partial(sequence_fn, channels_first=case.loss == "ce")
     jax_params = {name: to_jax(p) for name, p in model.named_parameters()}

@@ -28,7 +28,8 @@ OPERATORS = {
         torch_reference.dense_empirical_fisher,
     ),
 }
-#: The (loss, reduction) pairs the MLP sees on uneven batches (the sequence model on one).
+#: The (loss, reduction) pairs the MLP sees on uneven batches (the CNN and the sequence model
+#: with weight sharing see the other pairs on uneven batches).
 UNEVEN = {("mse", "sum"), ("ce", "mean"), ("bce", "mean")}
 
 
@@ -43,7 +44,7 @@ CASES = [
     for case in itertools.starmap(
         Case,
         itertools.product(
-            ["mlp", "sequence"], ["mse", "ce", "bce"], ["sum", "mean"], ["one", "uneven"]
+            ["mlp", "cnn", "sequence"], ["mse", "ce", "bce"], ["sum", "mean"], ["one", "uneven"]
         ),
     )
     if _keep(case)
@@ -120,23 +121,26 @@ def test_mc_fisher_converges_to_the_ggn_and_is_fixed_per_seed():
     assert np.linalg.eigvalsh(np.asarray(few)).min() > -1e-12
 
 
-@pytest.mark.parametrize("operator_type", [cc.Hessian, cc.GGN, cc.FisherMC])
+@pytest.mark.parametrize("operator_type", [cc.Hessian, cc.GGN, cc.EmpiricalFisher, cc.FisherMC])
 def test_products_compile_once_per_batch_shape(operator_type):
     problem = build_jax_problem(Case("mlp", "mse", "sum", "uneven"))
     traces = []
 
     def counting_fn(params, x):
-        traces.append(x.shape)
+        traces.append(x.shape[0])
         return mlp_fn(params, x)
 
     operator = operator_type(counting_fn, problem.loss, problem.params, problem.data)
-    V = jax.random.normal(jax.random.key(0), (operator.shape[0], 2))
-    operator @ V
-    traced = len(traces)
+    V = jax.random.normal(jax.random.key(0), (operator.shape[0], 3))
+    traces.clear()
+    first = operator @ V
+    # one trace per batch shape for all 3 columns: they share one linearisation (or gradient)
+    assert sorted(traces) == [3, 5, 7]
     second = operator @ (2 * V)
-    assert len(traces) == traced
-    assert relative_error(second, 2 * (operator @ V)) < EXACT_RTOL
-    assert len(traces) == traced
+    again = operator @ V[:, 1]  # (D,) is a (D, 1) product: compiled at construction
+    assert sorted(traces) == [3, 5, 7]
+    assert relative_error(second, 2 * first) < EXACT_RTOL
+    assert relative_error(again, first[:, 1]) < EXACT_RTOL
 
 
 def test_bad_input_names_the_fix():
@@ -170,6 +174,39 @@ def test_bad_input_names_the_fix():
         ggn @ {"0.weight": params["0.weight"]}
     with pytest.raises(NotImplementedError, match="not implemented for JAX models"):
         cc.KFAC(model_fn, loss, params, data)
+
+
+def test_arrays_of_the_other_library_are_refused_with_the_conversion():
+    problem = tiny_classifier()
+    model_fn, loss, params, data = problem.args
+    model, loss_func, torch_params, torch_data = problem.torch_problem
+    (X, y), (torch_X, torch_y) = data[0], torch_data[0]
+    to_jax = r"JAX model needs JAX or NumPy arrays.*jnp.asarray\(np.asarray\(x\)\)"
+    with pytest.raises(TypeError, match=rf"data holds a torch.Tensor, but a {to_jax}"):
+        cc.GGN(model_fn, loss, params, [(torch_X, y)])
+    with pytest.raises(TypeError, match=rf"data holds a torch.Tensor, but a {to_jax}"):
+        cc.GGN(model_fn, loss, params, [({"x": X, "mask": torch_X}, y)], batch_size_fn=len)
+    with pytest.raises(TypeError, match=rf"data holds a torch.Tensor, but a {to_jax}"):
+        cc.GGN(model_fn, loss, params, [(X, torch_y)])
+    to_torch = r"torch model needs tensors.*torch.as_tensor\(np.asarray\(x\)\)"
+    with pytest.raises(TypeError, match=rf"data holds a jax.*ArrayImpl, but a {to_torch}"):
+        cc.GGN(model, loss_func, torch_params, [(X, torch_y)])
+    with pytest.raises(TypeError, match=rf"data holds a jax.*ArrayImpl, but a {to_torch}"):
+        cc.GGN(model, loss_func, torch_params, [(torch_X, y)])
+    torch_ggn = cc.GGN(model, loss_func, torch_params, torch_data)
+    jax_ggn = cc.GGN(*problem.args)
+    D = jax_ggn.shape[0]
+    from_jax = r"expected a torch.Tensor, got jax.*ArrayImpl.*torch.as_tensor\(np.asarray\(v\)\)"
+    with pytest.raises(TypeError, match=from_jax):
+        torch_ggn @ jnp.ones(D)
+    with pytest.raises(TypeError, match=from_jax):
+        torch_ggn @ [jnp.ones(p.shape) for p in torch_params]
+    with pytest.raises(TypeError, match=r"expected a jax.Array, got torch.Tensor.*jnp.asarray"):
+        jax_ggn @ torch.ones(D, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dtype float64.*astype"):
+        jax_ggn @ jnp.ones(D, dtype=jnp.int32)
+    with pytest.raises(ValueError, match=rf"entries but v has shape \({D}, 2, 1\).*D={D}"):
+        jax_ggn @ jnp.ones((D, 2, 1))
 
 
 def test_products_run_under_jit_and_vmap_and_take_dict_inputs():

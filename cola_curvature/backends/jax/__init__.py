@@ -1,4 +1,4 @@
-"""The JAX backend; importing it registers it for ``model_fn(params, x)`` callables."""
+"""The JAX backend; importing it registers ``model_fn(params, x)`` and flax/equinox modules."""
 
 from __future__ import annotations
 
@@ -17,4 +17,11 @@ def curvature_backend(model: Callable, loss_func: Loss, params: Any) -> JaxBacke
     return JaxBackend(model, loss_func, params)
 
 
-__all__ = ["JaxBackend", "curvature_backend"]
+# registers the flax linen, flax nnx and equinox module types (without importing those)
+from cola_curvature.backends.jax.adapters import (  # noqa: E402
+    from_equinox,
+    from_flax_linen,
+    from_flax_nnx,
+)
+
+__all__ = ["JaxBackend", "curvature_backend", "from_equinox", "from_flax_linen", "from_flax_nnx"]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cola_curvature._checks import check_array_library
 from cola_curvature._tracing import is_traced
 from cola_curvature.backends.jax import products
 from cola_curvature.backends.jax.state import JaxRandom
@@ -267,6 +268,12 @@ class JaxBackend:
         ``params`` pytree that does not fit ``model_fn`` fails here, at construction.
         Arrays traced by ``jax.jit`` have no values and skip the NaN check.
         """
+        check_array_library(
+            batch,
+            (jax.Array, np.ndarray),
+            "a JAX model",
+            "JAX or NumPy arrays: convert each with jnp.asarray(np.asarray(x))",
+        )
         for x in _arrays(batch):
             if is_traced(x) or not jnp.issubdtype(x.dtype, jnp.inexact):
                 continue

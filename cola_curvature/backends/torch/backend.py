@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from cola_curvature._checks import check_array_library
 from cola_curvature.backends.torch import distributed, kfac, per_example, products
 from cola_curvature.backends.torch.losses import as_loss
 from cola_curvature.backends.torch.state import TorchRandom, preserved_global_state
@@ -303,7 +304,10 @@ class TorchBackend:
     def check_array(self, v: Any) -> None:
         """Raise unless ``v`` is a tensor of the parameters' dtype and device."""
         if not isinstance(v, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor, got {type(v).__name__}.")
+            raise TypeError(
+                f"expected a torch.Tensor, got {type(v).__module__}.{type(v).__name__}; convert "
+                "it with torch.as_tensor(np.asarray(v))."
+            )
         if v.dtype != self.dtype or v.device != self.device:
             raise ValueError(
                 f"expected a tensor with dtype {self.dtype} on {self.device} like the "
@@ -321,7 +325,13 @@ class TorchBackend:
         return inputs.shape[0]
 
     def check_batch(self, batch: tuple[Any, Any]) -> None:
-        """Raise when a batch holds NaN or infinite values."""
+        """Raise when a batch holds arrays other than tensors, or NaN or infinite values."""
+        check_array_library(
+            batch,
+            (torch.Tensor,),
+            "a torch model",
+            "tensors: convert each with torch.as_tensor(np.asarray(x))",
+        )
         for t in _tensors(batch):
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(
