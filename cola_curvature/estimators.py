@@ -24,7 +24,7 @@ import numpy as np
 from cola.annotations import PSD
 from cola.ops import LinearOperator
 
-from cola_curvature._tracing import is_abstract
+from cola_curvature._tracing import is_abstract, is_traced
 from cola_curvature.algorithms import SLQ, Hutchinson, HutchPlusPlus, XTrace
 from cola_curvature.matfree._convergence import report_failure, report_failure_traced
 from cola_curvature.matfree._random import gaussian, rademacher
@@ -292,6 +292,12 @@ def _quadrature_nodes(
     """Return Lanczos nodes and weights of ``num_runs`` Gaussian probes, as NumPy arrays."""
     _check_square(A)
     nodes, weights = gauss_quadrature(A, gaussian(A, num_runs, seed), num_steps)
+    if is_traced(nodes):
+        raise ValueError(
+            "spectral_density and log_spectral_density return NumPy arrays for plotting and "
+            "need values; call them outside jax.jit (inside, "
+            "estimators.SpectralQuadrature.of(A, cc.SLQ(...)) gives traced nodes and weights)."
+        )
     return A.xnp.to_np(nodes).astype(np.float64), A.xnp.to_np(weights).astype(np.float64)
 
 

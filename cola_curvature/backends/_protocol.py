@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -77,8 +77,17 @@ class CurvatureBackend(Protocol):
     def param_sizes(self) -> list[int]:
         """Return the number of entries of each parameter, in ``params`` order."""
 
-    def kronecker_layers(self) -> list[Any]:
-        """Return the layers KFAC supports that own entries of ``params``."""
+    def kronecker_layers(self, data: Iterable[Batch]) -> list[Any]:
+        """Return the layers KFAC supports that own entries of ``params``.
+
+        A traced backend (JAX) finds them in the model run on the first batch of ``data``.
+        Each layer has ``name``, ``weight_index``, ``bias_index``, ``out_features``,
+        ``weight_columns``, ``in_features`` and ``weight_positions`` (the flat position in the
+        weight of every block entry, an ``(out_features, weight_columns)`` integer array).
+        """
+
+    def parameter_subset(self, indices: Sequence[int]) -> tuple[Any, Any]:
+        """Return ``(model, params)`` for a curvature w.r.t. the chosen parameters only."""
 
     def kronecker_statistics(
         self,

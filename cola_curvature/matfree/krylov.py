@@ -42,33 +42,43 @@ def breakdown_threshold(A: LinearOperator) -> float:
     return 100 * A.shape[0] ** 0.5 * float(A.xnp.finfo(A.dtype).eps)
 
 
-def orthogonalize(w: Array, basis: Array, xnp: Any) -> Array:
-    """Return ``w`` minus its projection on the orthonormal ``basis`` (Gram-Schmidt, twice).
+def orthogonalize(w: Array, basis: list[Array] | Array, xnp: Any) -> Array:
+    """Return ``w`` minus its projection on the orthonormal ``basis`` (column-wise, twice).
 
-    ``w`` has shape ``(D, p)`` and ``basis`` ``(j, D, p)``: column ``c`` of ``w`` is
-    orthogonalised against column ``c`` of each of the ``j`` basis entries; zero entries
-    (the unused part of a preallocated basis) change nothing. ``O(j D p)``.
+    ``w`` has shape ``(D, p)``; ``basis`` is a list of ``(D, p)`` entries (eagerly:
+    constant shapes, so JAX compiles each operation once) or a ``(j, D, p)`` array (a
+    preallocated basis under ``jit``, whose zero entries change nothing). Column ``c`` of
+    ``w`` is orthogonalised against column ``c`` of every entry. ``O(j D p)``.
     """
     for _ in range(2):
-        w = w - xnp.sum(basis * xnp.sum(basis * w[None], axis=1, keepdims=True), axis=0)
+        if isinstance(basis, list):
+            for q in basis:
+                w = w - q * xnp.sum(q * w, axis=0, keepdims=True)
+        else:
+            w = w - xnp.sum(basis * xnp.sum(basis * w[None], axis=1, keepdims=True), axis=0)
     return w
 
 
-def _store(basis: Array, q: Array, step: Any, traced: bool, xnp: Any) -> Array:
-    """Return ``basis`` with ``q`` as entry ``step``: appended eagerly, written in place traced."""
-    if traced:
-        return xnp.update_array(basis, q, step)
-    return xnp.concat([basis, q[None]], axis=0)
+def _container(A: LinearOperator, shape: tuple[int, ...], traced: bool) -> list[Array] | Array:
+    """Return storage for ``shape[0]`` entries: a list eagerly, a zero array when traced."""
+    return A.xnp.zeros(shape, dtype=A.dtype, device=A.device) if traced else []
 
 
-def _empty_basis(A: LinearOperator, size: int, columns: int) -> Array:
-    """Return a zero basis of ``size`` entries ``(D, columns)`` (``0`` eagerly: it grows)."""
-    return A.xnp.zeros((size, A.shape[0], columns), dtype=A.dtype, device=A.device)
+def _store(container: list[Array] | Array, value: Array, step: Any, xnp: Any) -> Any:
+    """Return ``container`` holding ``value`` as entry ``step`` (appended to a list)."""
+    if isinstance(container, list):
+        return [*container, value]
+    return xnp.update_array(container, value, step)
+
+
+def _stacked(container: list[Array] | Array, xnp: Any) -> Array:
+    """Return the entries of ``container`` as one array (stacked along a new first axis)."""
+    return xnp.stack(container, axis=0) if isinstance(container, list) else container
 
 
 def _lanczos_step(
-    A: LinearOperator, basis: Array, step: Any, q: Array, traced: bool
-) -> tuple[Array, Array, Array, Array, Array]:
+    A: LinearOperator, basis: list[Array] | Array, step: Any, q: Array
+) -> tuple[Any, Array, Array, Array, Array]:
     """Store ``q`` in the basis and take one Lanczos step from it.
 
     Returns:
@@ -78,7 +88,7 @@ def _lanczos_step(
 
     """
     xnp = A.xnp
-    basis = _store(basis, q, step, traced, xnp)
+    basis = _store(basis, q, step, xnp)
     product = A @ q
     alpha = xnp.sum(q * product, axis=0)
     w = orthogonalize(product, basis, xnp)
@@ -100,22 +110,23 @@ def lanczos_tridiagonals(A: LinearOperator, start: Array, num_steps: int) -> tup
     xnp = A.xnp
     q = start / xnp.norm(start, axis=0, keepdims=True)
     traced = is_abstract(q)
-    columns = q.shape[1]
+    dimension, columns = q.shape
 
     def step(index: Any, state: tuple) -> tuple:
         basis, alphas, betas, q = state
-        basis, alpha, w, beta, broken = _lanczos_step(A, basis, index, q, traced)
+        basis, alpha, w, beta, broken = _lanczos_step(A, basis, index, q)
         safe = xnp.where(broken, xnp.ones_like(beta), beta)
         beta = xnp.where(broken, xnp.zeros_like(beta), beta)
         q = xnp.where(broken[None, :], xnp.zeros_like(w), w / safe[None, :])
-        alphas = xnp.update_array(alphas, alpha, index)
-        return basis, alphas, xnp.update_array(betas, beta, index), q
+        alphas = _store(alphas, alpha, index, xnp)
+        return basis, alphas, _store(betas, beta, index, xnp), q
 
-    tridiagonal = xnp.zeros((num_steps, columns), dtype=A.dtype, device=A.device)
-    basis = _empty_basis(A, num_steps if traced else 0, columns)
-    start_state = (basis, tridiagonal, xnp.zeros_like(tridiagonal), q)
-    _, (_, alpha, beta, _) = iterate(step, start_state, num_steps, xnp, traced=traced)
-    return alpha, beta[: num_steps - 1]
+    basis = _container(A, (num_steps, dimension, columns), traced)
+    alphas, betas = (_container(A, (num_steps, columns), traced) for _ in range(2))
+    _, (_, alphas, betas, _) = iterate(
+        step, (basis, alphas, betas, q), num_steps, xnp, traced=traced
+    )
+    return _stacked(alphas, xnp), _stacked(betas, xnp)[: num_steps - 1]
 
 
 def _tridiagonal_matrices(alpha: Array, beta: Array, xnp: Any) -> Array:
@@ -187,7 +198,7 @@ def check_which(A: LinearOperator, k: int, which: str) -> None:
         raise ValueError(f"k must be an integer in 1..{A.shape[0]}, got {k!r}.")
 
 
-def _unit_orthogonal(w: Array, basis: Array, xnp: Any) -> Array:
+def _unit_orthogonal(w: Array, basis: list[Array] | Array, xnp: Any) -> Array:
     """Return ``w`` orthogonalised against ``basis``, normalised (a restart after breakdown)."""
     w = orthogonalize(w, basis, xnp)
     return w / xnp.norm(w, axis=0, keepdims=True)
@@ -242,17 +253,17 @@ def lanczos_eigenpairs(
     rng = random_source(A, seed)
     like = xnp.zeros((1,), dtype=A.dtype, device=A.device)
     steps = min(max_iters, dimension)
-    q = _unit_orthogonal(rng.normal((dimension, 1), like), _empty_basis(A, 0, 1), xnp)
+    q = _unit_orthogonal(rng.normal((dimension, 1), like), [], xnp)
     if is_abstract(q):
         return _fixed_depth_eigenpairs(
             A, k, which, q, rng.normal((steps, dimension, 1), like), tol, on_failure
         )
-    basis = _empty_basis(A, 0, 1)
+    basis: list[Array] = []
     alphas: list[float] = []
     betas: list[float] = []
     min_steps = min(steps, 2 * k + 10)
     for step in range(steps):
-        basis, alpha, w, beta, broken = _lanczos_step(A, basis, step, q, traced=False)
+        basis, alpha, w, beta, broken = _lanczos_step(A, basis, step, q)
         alphas.append(float(alpha[0]))
         beta, broken = float(beta[0]), bool(broken[0])
         residual_scale = 0.0 if broken or step == dimension - 1 else beta
@@ -277,7 +288,7 @@ def lanczos_eigenpairs(
             on_failure,
         )
     coefficients = xnp.array(vectors[:, wanted], dtype=A.dtype, device=A.device)
-    ritz_vectors = basis[:, :, 0].T @ coefficients
+    ritz_vectors = xnp.concat(basis, axis=1) @ coefficients
     return xnp.array(values[wanted], dtype=A.dtype, device=A.device), ritz_vectors
 
 
@@ -300,7 +311,7 @@ def _fixed_depth_eigenpairs(
 
     def step(index: Any, state: tuple) -> tuple:
         basis, alphas, betas, q = state
-        basis, alpha, w, beta, broken = _lanczos_step(A, basis, index, q, traced=True)
+        basis, alpha, w, beta, broken = _lanczos_step(A, basis, index, q)
         restart = _unit_orthogonal(restarts[index], basis, xnp)
         q = xnp.where(broken[None, :], restart, w / xnp.where(broken, 1 + 0 * beta, beta))
         alphas = xnp.update_array(alphas, alpha, index)
@@ -308,7 +319,8 @@ def _fixed_depth_eigenpairs(
         return basis, alphas, betas, q
 
     tridiagonal = xnp.zeros((steps, 1), dtype=A.dtype, device=A.device)
-    start = (_empty_basis(A, steps, 1), tridiagonal, xnp.zeros_like(tridiagonal), q)
+    basis = _container(A, (steps, dimension, 1), traced=True)
+    start = (basis, tridiagonal, xnp.zeros_like(tridiagonal), q)
     _, (basis, alpha, beta, _) = iterate(step, start, steps, xnp, traced=True)
     values, vectors = xnp.eigh(_tridiagonal_matrices(alpha, beta[: steps - 1], xnp))
     values, vectors = values[0], vectors[0]

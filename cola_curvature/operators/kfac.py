@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from cola.backends import get_library_fns
 
 from cola_curvature._checks import check_mc_samples
@@ -76,21 +77,21 @@ def kronecker_factors(
     return factors
 
 
-def block_permutation(layer: Any, offsets: Sequence[int], xnp: Any, device: Any) -> Array:
+def block_permutation(layer: Any, offsets: Sequence[int]) -> np.ndarray:
     """Return the user-order positions of the entries of ``vec([W b])`` (row-major).
 
-    Entry ``(o, i)`` of the augmented ``out × in`` matrix is weight entry ``(o, i)`` for
-    ``i`` below the weight's column count and bias entry ``o`` in the last column.
+    Entry ``(o, i)`` of the augmented ``out × in`` matrix is the weight entry at flat
+    position ``layer.weight_positions[o, i]`` of the weight parameter (row-major ``(out, in)``
+    for torch, the transpose for a JAX ``(in, out)`` kernel) for ``i`` below the weight's
+    column count, and bias entry ``o`` in the last column. Index bookkeeping stays in NumPy
+    (one conversion per operator, not one small device computation per layer).
     """
     columns = []
-    rows = xnp.arange(layer.out_features, device=device).reshape(-1, 1)
     if layer.weight_index is not None:
-        width = layer.weight_columns
-        grid = xnp.arange(layer.out_features * width, device=device).reshape(-1, width)
-        columns.append(offsets[layer.weight_index] + grid)
+        columns.append(offsets[layer.weight_index] + np.asarray(layer.weight_positions))
     if layer.bias_index is not None:
-        columns.append(offsets[layer.bias_index] + rows)
-    return xnp.concat(columns, axis=1).reshape(-1)
+        columns.append(offsets[layer.bias_index] + np.arange(layer.out_features)[:, None])
+    return np.concatenate(columns, axis=1).reshape(-1)
 
 
 class KFAC(ParameterSpaceInterface, KroneckerFactored):
@@ -117,8 +118,15 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
     dispatch rules invert, take logdet, eig, sqrt, trace and diag from the factors' eigen-
     decompositions, ``O(Σ_l out_l³ + in_l³)``. Annotation: ``PSD``.
 
+    A JAX ``model_fn(params, x)`` needs no annotation: its layers are found in the traced
+    program (a ``dot_general`` or ``conv_general_dilated`` whose weight is a parameter leaf,
+    with an optional bias leaf added right after; see
+    :mod:`cola_curvature.backends.jax.jaxpr_layers`), with the leading free axis of a layer
+    input as the example axis and any further free axes as shared positions ``T``.
+
     Args:
-        model: The model; its ``Linear``/``Conv2d`` layers (``groups=1``) owning ``params``.
+        model: The model; its ``Linear``/``Conv2d`` layers (``groups=1``) owning ``params``,
+            or a JAX ``model_fn`` (above).
         loss_func: As for :class:`~cola_curvature.GGN`.
         params: The parameters; each must belong to a supported layer unless
             ``uncovered="dense"``.
@@ -168,16 +176,15 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
         self.num_data = data.num_data
         self._data = data
         self._build_options = {"mc_samples": mc_samples, "seed": seed}
-        self.layers = self._backend.kronecker_layers()
-        missing = self._uncovered_indices(params)
+        self.layers = self._backend.kronecker_layers(data.source)
+        missing = self._uncovered_indices()
         if missing and uncovered == "error":
-            names = self._backend.param_names
-            shapes = ", ".join(
-                f"params[{i}] ({names[i]!r}, shape {tuple(params[i].shape)})" for i in missing
-            )
+            names, sizes = self._backend.param_names, self._backend.param_sizes
+            listed = ", ".join(f"params[{i}] ({names[i]!r}, {sizes[i]} entries)" for i in missing)
             raise ValueError(
-                f"No supported layer (Linear, Conv2d) owns {shapes}; pass uncovered='dense' "
-                "for an exact dense block of them, or leave them out of params."
+                f"No supported layer (torch: Linear, Conv2d; JAX: a dot_general or "
+                f"conv_general_dilated with the leaf as its weight) owns {listed}; pass "
+                "uncovered='dense' for an exact dense block of them, or leave them out of params."
             )
         factors = kronecker_factors(
             self._backend, self.layers, data, self.fisher_type, self.kfac_approx, mc_samples, seed
@@ -185,30 +192,23 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
         blocks = [KroneckerBlock(*factors[layer.name]) for layer in self.layers]
         dense = None
         if missing:
-            dense = self._dense_block(model, loss_func, params, data, missing, mc_samples, seed)
+            dense = self._dense_block(loss_func, data, missing, mc_samples, seed)
             xnp = get_library_fns(dense.dtype)
             one = xnp.ones((1, 1), dtype=dense.dtype, device=xnp.get_device(dense))
             blocks.append(KroneckerBlock(dense, one))
         KroneckerFactored.__init__(self, blocks, self._permutation(missing, blocks))
 
-    def _uncovered_indices(self, params: Sequence[Any]) -> list[int]:
-        """Return the positions in ``params`` that no supported layer owns."""
+    def _uncovered_indices(self) -> list[int]:
+        """Return the positions in ``params`` (flat order) that no supported layer owns."""
         covered = {layer.weight_index for layer in self.layers}
         covered |= {layer.bias_index for layer in self.layers}
-        return [i for i in range(len(params)) if i not in covered]
+        return [i for i in range(len(self._backend.param_sizes)) if i not in covered]
 
     def _dense_block(
-        self,
-        model: Any,
-        loss_func: Any,
-        params: Sequence[Any],
-        data: CurvatureData,
-        missing: list[int],
-        mc_samples: int,
-        seed: int,
+        self, loss_func: Any, data: CurvatureData, missing: list[int], mc_samples: int, seed: int
     ) -> Array:
         """Return the exact curvature block of the uncovered parameters, densely."""
-        subset = [params[i] for i in missing]
+        model, subset = self._backend.parameter_subset(missing)
         options = {"num_data": data.num_data, "check_deterministic": False}
         source = data.source
         if self.fisher_type is FisherType.TYPE2:
@@ -228,10 +228,8 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
 
     def _permutation(self, missing: list[int], blocks: Sequence[Any]) -> Array:
         """Return the user-order position of every block-order coordinate."""
-        xnp = blocks[0].xnp
-        device = blocks[0].device
         sizes = self._backend.param_sizes
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        parts = [block_permutation(layer, offsets, xnp, device) for layer in self.layers]
-        parts += [offsets[i] + xnp.arange(sizes[i], device=device) for i in missing]
-        return xnp.concat(parts, axis=0)
+        parts = [block_permutation(layer, offsets) for layer in self.layers]
+        parts += [offsets[i] + np.arange(sizes[i]) for i in missing]
+        return blocks[0].xnp.array(np.concatenate(parts), dtype=None, device=blocks[0].device)

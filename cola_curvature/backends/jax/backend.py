@@ -13,9 +13,10 @@ import numpy as np
 
 from cola_curvature._checks import check_array_library
 from cola_curvature._tracing import is_traced
-from cola_curvature.backends.jax import products
+from cola_curvature.backends.jax import kfac, products
 from cola_curvature.backends.jax.state import JaxRandom
 from cola_curvature.losses import SUPPORTED_LOSSES, Loss
+from cola_curvature.options import FisherType, KFACApprox
 
 Array = Any
 PyTree = Any
@@ -181,20 +182,80 @@ class JaxBackend:
         )
         return self._treedef.flatten_up_to(result)
 
-    def kronecker_layers(self) -> list[Any]:
-        """Raise: KFAC and EKFAC are not implemented for JAX models yet."""
-        raise NotImplementedError(
-            "KFAC and EKFAC are not implemented for JAX models yet; use cc.GGN or "
-            "cc.FisherMC, or the torch backend."
+    def kronecker_layers(self, data: Any) -> list[kfac.JaxKroneckerLayer]:
+        """Return the dense/conv layers of ``model_fn`` traced on the first batch of ``data``."""
+        inputs = next(iter(data))[0]
+        return kfac.kronecker_layers(self._model_fn, self._params, self._names, inputs)
+
+    def _signal_options(
+        self,
+        layers: Sequence[kfac.JaxKroneckerLayer],
+        num_data: int,
+        fisher_type: FisherType,
+        mc_samples: int,
+    ) -> kfac.SignalOptions:
+        """Return the static options of the compiled KFAC programs."""
+        return kfac.SignalOptions(
+            self._model_fn,
+            self.loss,
+            tuple(self._names),
+            tuple(layers),
+            num_data,
+            fisher_type,
+            mc_samples,
         )
 
-    def kronecker_statistics(self, *args: Any, **kwargs: Any) -> Any:
-        """Raise: KFAC is not implemented for JAX models yet."""
-        return self.kronecker_layers()
+    def kronecker_statistics(
+        self,
+        batch: tuple[Any, Any],
+        layers: Sequence[kfac.JaxKroneckerLayer],
+        num_data: int,
+        fisher_type: FisherType,
+        kfac_approx: KFACApprox,
+        mc_samples: int,
+        rng: JaxRandom,
+    ) -> Any:
+        """Return one batch's unnormalised KFAC factor statistics per layer (compiled)."""
+        inputs, targets = batch
+        options = self._signal_options(layers, num_data, fisher_type, mc_samples)
+        key = rng.next_key() if fisher_type is FisherType.MC else None
+        return kfac.kronecker_statistics(
+            self._params, inputs, targets, key, options=options, kfac_approx=kfac_approx
+        )
 
-    def kronecker_eigencorrections(self, *args: Any, **kwargs: Any) -> Any:
-        """Raise: EKFAC is not implemented for JAX models yet."""
-        return self.kronecker_layers()
+    def kronecker_eigencorrections(
+        self,
+        batch: tuple[Any, Any],
+        layers: Sequence[kfac.JaxKroneckerLayer],
+        num_data: int,
+        fisher_type: FisherType,
+        mc_samples: int,
+        rng: JaxRandom,
+        bases: dict[str, tuple[Array, Array]],
+    ) -> dict[str, Array]:
+        """Return one batch's EKFAC eigenvalue corrections per layer (compiled)."""
+        inputs, targets = batch
+        options = self._signal_options(layers, num_data, fisher_type, mc_samples)
+        key = rng.next_key() if fisher_type is FisherType.MC else None
+        return kfac.kronecker_eigencorrections(
+            self._params, inputs, targets, key, bases, options=options
+        )
+
+    def parameter_subset(self, indices: Sequence[int]) -> tuple[Callable, list[Array]]:
+        """Return ``(model_fn', leaves)``: the model as a function of the chosen leaves only.
+
+        The other leaves are held at their current values; the subset is a list in
+        ``indices`` order.
+        """
+        leaves = self._treedef.flatten_up_to(self._params)
+
+        def subset_model(subset: Sequence[Array], inputs: Any) -> Array:
+            merged = list(leaves)
+            for i, leaf in zip(indices, subset, strict=True):
+                merged[i] = leaf
+            return self._model_fn(self._treedef.unflatten(merged), inputs)
+
+        return subset_model, [leaves[i] for i in indices]
 
     @property
     def param_names(self) -> list[str]:

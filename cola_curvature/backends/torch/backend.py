@@ -201,9 +201,13 @@ class TorchBackend:
             self._model_fn(), self._params, columns, inputs, targets, risk
         )
 
-    def kronecker_layers(self) -> list[kfac.KroneckerLayer]:
-        """Return the ``Linear``/``Conv2d`` layers owning entries of ``params``."""
+    def kronecker_layers(self, data: Any) -> list[kfac.KroneckerLayer]:
+        """Return the ``Linear``/``Conv2d`` layers owning entries of ``params`` (not ``data``)."""
         return kfac.kronecker_layers(self._model, self._params)
+
+    def parameter_subset(self, indices: Sequence[int]) -> tuple[nn.Module, list[torch.Tensor]]:
+        """Return the model and the chosen entries of ``params`` (the user's tensors)."""
+        return self._model, [self._params[i] for i in indices]
 
     def kronecker_statistics(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.functional import pad
@@ -36,6 +37,11 @@ class KroneckerLayer:
     def weight_columns(self) -> int:
         """Return the number of columns of the weight viewed as an ``out × in`` matrix."""
         return self.module.weight[0].numel()
+
+    @property
+    def weight_positions(self) -> np.ndarray:
+        """Return the flat position in the weight of block entry ``(o, i)``: row-major."""
+        return np.arange(self.out_features * self.weight_columns).reshape(self.out_features, -1)
 
     @property
     def in_features(self) -> int:

@@ -1,0 +1,374 @@
+"""Dense and convolution layers found in the jaxpr of a ``model_fn``, and a replay that taps them.
+
+A layer is a ``dot_general`` or ``conv_general_dilated`` whose weight operand is a parameter
+leaf (possibly rearranged by ``transpose``/``reshape``), optionally followed by an ``add`` of
+a bias leaf (possibly through ``broadcast_in_dim``/``reshape``/``squeeze``). Calls of nested
+jaxprs (``jit``, ``closed_call``, ``checkpoint``) are followed; every other primitive that
+consumes a leaf (including ``custom_jvp_call``, ``scan``, elementwise maths) is a use of that
+leaf outside any layer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, JaxprEqn, Literal, Var
+
+Array = Any
+Path = tuple[int, ...]
+
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "call", "checkpoint", "remat"})
+_REARRANGEMENTS = frozenset({"transpose", "reshape", "broadcast_in_dim", "squeeze"})
+
+
+@dataclass
+class Site:
+    """One layer in a jaxpr: where its input is read and its output perturbed, and its layout.
+
+    ``weight_positions[o, i]`` is the flat position in the weight leaf of the entry that
+    multiplies input feature ``i`` into output feature ``o``; for a convolution, ``i`` runs
+    over ``(in_channel, *filter)`` as :func:`jax.lax.conv_general_dilated_patches` orders
+    its features.
+    """
+
+    kind: str
+    weight: int
+    weight_positions: np.ndarray
+    op_path: Path
+    output_path: Path
+    activation: int
+    out_axis: int
+    output_aval: Any
+    contracting: int = 0
+    conv: dict[str, Any] = field(default_factory=dict)
+    bias: int | None = None
+
+    def canonical_inputs(self, a: Array) -> Array:
+        """Return the layer input as ``(N, T, in)``: conv inputs as patches."""
+        if self.kind == "dense":
+            a = jnp.moveaxis(a, self.contracting, -1)
+            return a.reshape(a.shape[0], -1, a.shape[-1])
+        patches = jax.lax.conv_general_dilated_patches(a, **self.conv)
+        return self._positions_last(patches, 0)
+
+    def canonical_output_grads(self, g: Array) -> Array:
+        """Return output gradients ``(C', *output.shape)`` as ``(C', N, T, out)``."""
+        if self.kind == "dense":
+            g = jnp.moveaxis(g, 1 + self.out_axis, -1)
+            return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+        return self._positions_last(g, 1)
+
+    def _positions_last(self, x: Array, lead: int) -> Array:
+        """Order a conv-output-layout array (after ``lead`` axes) as ``(..., N, T, features)``."""
+        batch, feature, *spatial = self.conv["dimension_numbers"].out_spec
+        order = [*range(lead), *(lead + d for d in (batch, *spatial, feature))]
+        x = jnp.transpose(x, order)
+        return x.reshape(*x.shape[: lead + 1], -1, x.shape[-1])
+
+
+@dataclass
+class _Leaf:
+    """A value made of the entries of leaf ``leaf``: ``index`` holds their flat positions."""
+
+    leaf: int
+    index: np.ndarray
+
+
+@dataclass
+class _Output:
+    """A value that is the output of ``site`` (``biased`` once its bias has been added)."""
+
+    site: Site
+    biased: bool
+
+
+def _nested(eqn: JaxprEqn) -> tuple[Jaxpr, Sequence[Any]] | None:
+    """Return the jaxpr (and its constants) that a call-like equation runs, else ``None``."""
+    if eqn.primitive.name not in _CALLS:
+        return None
+    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    if isinstance(inner, ClosedJaxpr):
+        return inner.jaxpr, inner.consts
+    if isinstance(inner, Jaxpr) and not inner.constvars:
+        return inner, ()
+    return None
+
+
+def _rearranged(eqn: JaxprEqn, index: np.ndarray) -> np.ndarray | None:
+    """Return the leaf positions after a rearranging primitive, or ``None`` if unsupported."""
+    name, params = eqn.primitive.name, eqn.params
+    if name == "transpose":
+        return np.transpose(index, params["permutation"])
+    if name == "reshape" and params.get("dimensions") is None:
+        return index.reshape(params["new_sizes"])
+    if name == "squeeze":
+        return np.squeeze(index, axis=tuple(params["dimensions"]))
+    if name == "broadcast_in_dim":
+        shape = [1] * len(params["shape"])
+        for axis, size in zip(params["broadcast_dimensions"], index.shape, strict=True):
+            shape[axis] = size
+        return np.broadcast_to(index.reshape(shape), params["shape"])
+    return None
+
+
+def _is_permutation(index: np.ndarray, size: int) -> bool:
+    """Return whether ``index`` holds every position ``0 … size-1`` exactly once."""
+    return index.size == size and np.array_equal(np.sort(index.reshape(-1)), np.arange(size))
+
+
+def _bias_along(index: np.ndarray, shape: tuple[int, ...], axis: int, size: int) -> bool:
+    """Return whether ``index`` broadcast to ``shape`` is ``0 … size-1`` along ``axis`` only."""
+    if size != shape[axis] or index.ndim > len(shape):
+        return False
+    try:
+        full = np.broadcast_to(index, shape)
+    except ValueError:
+        return False
+    expected = np.arange(size).reshape([-1 if d == axis else 1 for d in range(len(shape))])
+    return np.array_equal(full, np.broadcast_to(expected, shape))
+
+
+class LayerSearch:
+    """Walk a jaxpr once, recording layer sites and every use of every parameter leaf.
+
+    Args:
+        names: Key path of each leaf, for error messages.
+        sizes: Number of entries of each leaf.
+
+    """
+
+    def __init__(self, names: Sequence[str], sizes: Sequence[int]) -> None:
+        self.names, self.sizes = list(names), list(sizes)
+        self.sites: list[Site] = []
+        self.uses: dict[int, list[str]] = defaultdict(list)
+
+    def run(self, jaxpr: Jaxpr) -> None:
+        """Analyse ``jaxpr`` whose first ``len(names)`` inputs are the leaves."""
+        leaves = [
+            _Leaf(i, np.arange(size).reshape(var.aval.shape))
+            for i, (size, var) in enumerate(zip(self.sizes, jaxpr.invars, strict=False))
+        ]
+        inputs = leaves + [None] * (len(jaxpr.invars) - len(leaves))
+        for origin in self._walk(jaxpr, inputs, ()):
+            if isinstance(origin, _Leaf):
+                self.uses[origin.leaf].append("returned by model_fn")
+
+    def _walk(self, jaxpr: Jaxpr, inputs: list[Any], path: Path) -> list[Any]:
+        """Propagate origins through one jaxpr; return the origins of its outputs."""
+        origin = {v: o for v, o in zip(jaxpr.invars, inputs, strict=True) if o is not None}
+        counts = Counter(
+            v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, Literal)
+        ) + Counter(v for v in jaxpr.outvars if not isinstance(v, Literal))
+        for i, eqn in enumerate(jaxpr.eqns):
+            ins = [None if isinstance(v, Literal) else origin.get(v) for v in eqn.invars]
+            outs = self._equation(eqn, ins, path + (i,), counts)
+            for var, out in zip(eqn.outvars, outs, strict=True):
+                if out is not None and not isinstance(var, DropVar):
+                    origin[var] = out
+        results = []
+        for var in jaxpr.outvars:
+            out = None if isinstance(var, Literal) else origin.get(var)
+            shared = isinstance(out, _Output) and counts[var] > 1
+            results.append(None if shared else out)
+        return results
+
+    def _equation(self, eqn: JaxprEqn, ins: list[Any], here: Path, counts: Counter) -> list[Any]:
+        """Return the origins of one equation's outputs, recording layers and leaf uses."""
+        nested = _nested(eqn)
+        if nested is not None:
+            # a layer output used elsewhere too cannot take a bias inside the call
+            ins = [
+                None if isinstance(o, _Output) and counts[v] != 1 else o
+                for o, v in zip(ins, eqn.invars, strict=True)
+            ]
+            return self._walk(nested[0], ins, here)
+        name = eqn.primitive.name
+        if name in _REARRANGEMENTS and isinstance(ins[0], _Leaf):
+            index = _rearranged(eqn, ins[0].index)
+            if index is not None:
+                return [_Leaf(ins[0].leaf, index)]
+        found = None
+        if name == "dot_general":
+            found = self._dense(eqn, ins, here)
+        elif name == "conv_general_dilated":
+            found = self._conv(eqn, ins, here)
+        elif name == "add":
+            found = self._bias(eqn, ins, here, counts)
+        if found is not None:
+            return [found]
+        for origin in ins:
+            if isinstance(origin, _Leaf):
+                self.uses[origin.leaf].append(name)
+        return [None] * len(eqn.outvars)
+
+    def _weight(self, origin: Any) -> bool:
+        """Return whether ``origin`` is a whole leaf, rearranged but not repeated."""
+        return isinstance(origin, _Leaf) and _is_permutation(origin.index, self.sizes[origin.leaf])
+
+    def _dense(self, eqn: JaxprEqn, ins: list[Any], here: Path) -> _Output | None:
+        """Recognise ``activation · W`` contracting one axis, without batch dimensions."""
+        (contracting, batch) = eqn.params["dimension_numbers"]
+        if any(batch) or len(contracting[0]) != 1:
+            return None
+        for weight in (1, 0):
+            activation = 1 - weight
+            leaf = ins[weight]
+            if leaf is None or leaf.index.ndim != 2 or not self._weight(leaf):
+                continue
+            if isinstance(ins[activation], _Leaf):
+                return None
+            ndim = eqn.invars[activation].aval.ndim
+            if ndim < 2:
+                raise ValueError(
+                    f"params leaf {self.names[leaf.leaf]} multiplies an input of shape "
+                    f"{eqn.invars[activation].aval.shape} without an example axis; KFAC "
+                    "needs layer inputs whose leading free axis runs over examples."
+                )
+            w_contracting = contracting[weight][0]
+            grid = np.moveaxis(leaf.index, (1 - w_contracting, w_contracting), (0, 1))
+            site = Site(
+                kind="dense",
+                weight=leaf.leaf,
+                weight_positions=grid,
+                op_path=here,
+                output_path=here,
+                activation=activation,
+                out_axis=ndim - 1 if activation == 0 else 0,
+                output_aval=eqn.outvars[0].aval,
+                contracting=contracting[activation][0],
+            )
+            return self._add_site(site, "a dot_general (dense layer)")
+        return None
+
+    def _conv(self, eqn: JaxprEqn, ins: list[Any], here: Path) -> _Output | None:
+        """Recognise ``conv_general_dilated(activation, W)``; reject grouped/transposed ones."""
+        lhs, rhs = ins
+        if not self._weight(rhs) or isinstance(lhs, _Leaf):
+            return None
+        params = eqn.params
+        groups = (params["feature_group_count"], params["batch_group_count"])
+        if groups != (1, 1) or any(d != 1 for d in params["lhs_dilation"]):
+            raise ValueError(
+                f"params leaf {self.names[rhs.leaf]} is the kernel of a convolution with "
+                f"feature_group_count={groups[0]}, batch_group_count={groups[1]}, "
+                f"lhs_dilation={tuple(params['lhs_dilation'])}; KFAC supports convolutions "
+                "with all of them 1 (no grouped, depthwise or transposed convolutions)."
+            )
+        numbers = params["dimension_numbers"]
+        kernel = np.transpose(rhs.index, numbers.rhs_spec)  # (out, in, *filter)
+        canonical = jax.lax.ConvDimensionNumbers(
+            numbers.lhs_spec, tuple(range(kernel.ndim)), numbers.out_spec
+        )
+        site = Site(
+            kind="conv",
+            weight=rhs.leaf,
+            weight_positions=kernel.reshape(kernel.shape[0], -1),
+            op_path=here,
+            output_path=here,
+            activation=0,
+            out_axis=numbers.out_spec[1],
+            output_aval=eqn.outvars[0].aval,
+            conv={
+                "filter_shape": kernel.shape[2:],
+                "window_strides": tuple(params["window_strides"]),
+                "padding": tuple(map(tuple, params["padding"])),
+                "rhs_dilation": tuple(params["rhs_dilation"]),
+                "dimension_numbers": canonical,
+            },
+        )
+        return self._add_site(site, "a conv_general_dilated (convolution layer)")
+
+    def _add_site(self, site: Site, use: str) -> _Output:
+        """Record a new layer site and its weight's use."""
+        self.sites.append(site)
+        self.uses[site.weight].append(use)
+        return _Output(site, biased=False)
+
+    def _bias(self, eqn: JaxprEqn, ins: list[Any], here: Path, counts: Counter) -> Any:
+        """Recognise ``layer output + b`` with ``b`` a leaf laid along the output features."""
+        for position in (0, 1):
+            output, bias = ins[position], ins[1 - position]
+            var = eqn.invars[position]
+            if not (isinstance(output, _Output) and isinstance(bias, _Leaf)) or output.biased:
+                continue
+            site, shape = output.site, tuple(var.aval.shape)
+            if counts[var] != 1 or tuple(eqn.outvars[0].aval.shape) != shape:
+                continue
+            if _bias_along(bias.index, shape, site.out_axis, self.sizes[bias.leaf]):
+                site.bias, site.output_path = bias.leaf, here
+                site.output_aval = eqn.outvars[0].aval
+                self.uses[bias.leaf].append("a bias add")
+                return _Output(site, biased=True)
+        return None
+
+    def check_ownership(self) -> None:
+        """Raise ``ValueError`` naming a layer's leaf that is also used anywhere else."""
+        for site in self.sites:
+            for leaf in (site.weight, site.bias):
+                if leaf is not None and len(self.uses[leaf]) > 1:
+                    raise ValueError(
+                        f"params leaf {self.names[leaf]} is used {len(self.uses[leaf])} times "
+                        f"in model_fn ({', '.join(self.uses[leaf])}); KFAC needs each dense or "
+                        "conv layer's weight and bias used by that layer only, once. Share a "
+                        "layer over positions with one call on a sequence axis, or use cc.GGN."
+                    )
+
+
+def find_sites(jaxpr: Jaxpr, names: Sequence[str], sizes: Sequence[int]) -> list[Site]:
+    """Return the layer sites of ``jaxpr`` in program order, after checking ownership."""
+    search = LayerSearch(names, sizes)
+    search.run(jaxpr)
+    search.check_ownership()
+    return search.sites
+
+
+def replay(
+    closed: ClosedJaxpr,
+    args: Sequence[Array],
+    sites: Sequence[Site],
+    deltas: Sequence[Array],
+) -> tuple[list[Array], list[Array]]:
+    """Evaluate ``closed`` on ``args``, adding ``deltas[k]`` to site ``k``'s output.
+
+    Returns the jaxpr's outputs and each site's input activation. Nested jaxprs are
+    replayed only where they contain a site; everything else is bound as traced.
+    """
+    taps = {site.op_path: k for k, site in enumerate(sites)}
+    perturbations = {site.output_path: k for k, site in enumerate(sites)}
+    prefixes = {path[:d] for path in (*taps, *perturbations) for d in range(1, len(path))}
+    recorded: list[Array] = [None] * len(sites)
+
+    def evaluate(jaxpr: Jaxpr, consts: Sequence[Array], values: Sequence[Array], path: Path):
+        env: dict[Var, Array] = dict(zip(jaxpr.constvars, consts, strict=True))
+        env.update(zip(jaxpr.invars, values, strict=True))
+
+        def read(var: Any) -> Array:
+            return var.val if isinstance(var, Literal) else env[var]
+
+        for i, eqn in enumerate(jaxpr.eqns):
+            here = path + (i,)
+            ins = [read(v) for v in eqn.invars]
+            if here in taps:
+                recorded[taps[here]] = ins[sites[taps[here]].activation]
+            if here in prefixes:
+                inner, inner_consts = _nested(eqn)
+                outs = evaluate(inner, inner_consts, ins, here)
+            else:
+                with eqn.ctx.manager:
+                    outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+                outs = outs if eqn.primitive.multiple_results else [outs]
+            if here in perturbations:
+                outs = [outs[0] + deltas[perturbations[here]]]
+            env.update(
+                (v, o) for v, o in zip(eqn.outvars, outs, strict=True) if not isinstance(v, DropVar)
+            )
+        return [read(v) for v in jaxpr.outvars]
+
+    outputs = evaluate(closed.jaxpr, closed.consts, args, ())
+    return outputs, recorded

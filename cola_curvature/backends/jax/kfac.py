@@ -1,0 +1,204 @@
+"""KFAC statistics of the dense and convolution layers of a JAX ``model_fn`` (found in its jaxpr).
+
+Convention: a layer's input has its example axis as the leading free axis (the first axis
+not contracted with the weight; the batch axis of a convolution); further free axes are
+shared positions ``T`` (sequence entries, pixels), as for a torch ``Linear`` on a sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cola_curvature.backends.jax.jaxpr_layers import Site, find_sites, replay
+from cola_curvature.backends.jax.state import JaxRandom
+from cola_curvature.losses import Loss
+from cola_curvature.operators.kronecker_statistics import (
+    BatchStatistics,
+    LayerSignals,
+    _augment,
+    batch_eigencorrections,
+    batch_statistics,
+    output_cotangents,
+)
+from cola_curvature.options import FisherType, KFACApprox
+
+Array = Any
+PyTree = Any
+ModelFn = Callable[[PyTree, Any], Array]
+
+jax.tree_util.register_pytree_node(
+    BatchStatistics,
+    lambda s: ((s.input_moments, s.output_moments), tuple(sorted(s.positions.items()))),
+    lambda positions, moments: BatchStatistics(*moments, dict(positions)),
+)
+
+
+@dataclass(frozen=True)
+class JaxKroneckerLayer:
+    """A ``dot_general`` or ``conv_general_dilated`` layer whose weight (and bias) are leaves.
+
+    The interface matches the torch backend's ``KroneckerLayer``: ``weight_index`` and
+    ``bias_index`` are leaf positions in flat ``params`` order; ``weight_positions[o, i]`` is
+    the flat position inside the weight leaf of block entry ``(o, i)`` (for a flax
+    ``(in, out)`` kernel the transpose of a row-major grid; for a conv kernel the kernel's
+    indices ordered ``(out, in, *filter)``).
+    """
+
+    name: str
+    weight_index: int
+    bias_index: int | None
+    out_features: int
+    weight_columns: int
+    weight_positions: np.ndarray = field(compare=False, repr=False)
+
+    @property
+    def in_features(self) -> int:
+        """Return the dimension of the input factor ``A``: weight columns plus bias column."""
+        return self.weight_columns + (self.bias_index is not None)
+
+
+def _flat_model(model_fn: ModelFn, treedef: Any) -> Callable[[list[Array], Any], Array]:
+    """Return ``(leaves, inputs) -> model_fn(params, inputs)``."""
+    return lambda leaves, inputs: model_fn(treedef.unflatten(leaves), inputs)
+
+
+def _sites(model_fn: ModelFn, params: PyTree, names: Sequence[str], inputs: Any) -> tuple:
+    """Return the traced jaxpr of ``model_fn`` on ``inputs``, its arguments and its sites."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    closed = jax.make_jaxpr(_flat_model(model_fn, treedef))(leaves, inputs)
+    sites = find_sites(closed.jaxpr, names, [leaf.size for leaf in leaves])
+    return closed, jax.tree_util.tree_leaves((leaves, inputs)), sites
+
+
+def kronecker_layers(
+    model_fn: ModelFn, params: PyTree, names: Sequence[str], inputs: Any
+) -> list[JaxKroneckerLayer]:
+    """Return the layers of ``model_fn`` traced on ``inputs``, in program order.
+
+    Raises:
+        ValueError: when a layer's weight or bias leaf is used anywhere else (a second
+            layer, twice, any other primitive), or a convolution is grouped or transposed.
+    """
+    _, _, sites = _sites(model_fn, params, names, inputs)
+    return [
+        JaxKroneckerLayer(
+            name=names[site.weight],
+            weight_index=site.weight,
+            bias_index=site.bias,
+            out_features=site.weight_positions.shape[0],
+            weight_columns=site.weight_positions.shape[1],
+            weight_positions=site.weight_positions,
+        )
+        for site in sites
+    ]
+
+
+def _matched(sites: Sequence[Site], layers: Sequence[JaxKroneckerLayer]) -> list[Site]:
+    """Return the site of each layer, raising if this trace found different layers."""
+    by_weight = {site.weight: site for site in sites}
+    found = {(site.weight, site.bias) for site in sites}
+    expected = {(layer.weight_index, layer.bias_index) for layer in layers}
+    if found != expected:
+        raise ValueError(
+            "model_fn has different dense/conv layers on this batch than on the first one "
+            f"(weight, bias leaf indices {sorted(found, key=str)} vs {sorted(expected, key=str)}); "
+            "KFAC needs the same layers for every batch."
+        )
+    return [by_weight[layer.weight_index] for layer in layers]
+
+
+@dataclass(frozen=True)
+class SignalOptions:
+    """What one batch's layer signals depend on besides the arrays (static under ``jit``).
+
+    ``model_fn`` and ``loss`` compare by identity, so operators built again on the same
+    model and loss (e.g. a KFAC refreshed every optimisation step) reuse the compiled
+    program of each batch shape.
+    """
+
+    model_fn: ModelFn
+    loss: Loss
+    leaf_names: tuple[str, ...]
+    layers: tuple[JaxKroneckerLayer, ...]
+    num_data: int
+    fisher_type: FisherType
+    mc_samples: int
+
+
+def layer_signals(
+    options: SignalOptions, params: PyTree, inputs: Any, targets: Array, key: Array | None
+) -> LayerSignals:
+    """Return every layer's inputs and backpropagated output gradients on one batch.
+
+    The jaxpr is replayed with a zero perturbation ``δ_l`` added to every layer output
+    ``s_l`` (after its bias), recording each layer input ``a_l``; one ``jax.vjp`` w.r.t. the
+    perturbations, mapped over the ``C'`` cotangents ``u_c`` of :func:`output_cotangents`
+    by ``jax.vmap``, gives ``g_c = (∂f/∂s_l)ᵀ u_c``. Cost: one forward pass plus ``C'``
+    backward passes (none for forward-only).
+    """
+    layers, loss, fisher_type = options.layers, options.loss, options.fisher_type
+    names = [layer.name for layer in layers]
+    closed, args, sites = _sites(options.model_fn, params, options.leaf_names, inputs)
+    sites = _matched(sites, layers)
+    zeros = [jnp.zeros(site.output_aval.shape, site.output_aval.dtype) for site in sites]
+
+    def perturbed(deltas: list[Array]) -> tuple[Array, list[Array]]:
+        outputs, recorded = replay(closed, args, sites, deltas)
+        return outputs[0], recorded
+
+    if fisher_type is FisherType.FORWARD_ONLY:
+        outputs, recorded = perturbed(zeros)
+    else:
+        outputs, pullback, recorded = jax.vjp(perturbed, zeros, has_aux=True)
+    loss.check_target(outputs, targets)
+    layer_inputs = {
+        name: _augment(site.canonical_inputs(a), layer)
+        for name, site, a, layer in zip(names, sites, recorded, layers, strict=True)
+    }
+    scale = loss.scale(outputs, options.num_data)
+    if fisher_type is FisherType.FORWARD_ONLY:
+        return LayerSignals(layer_inputs, None, scale)
+    rng = None if key is None else JaxRandom(key)
+    cotangents = output_cotangents(loss, outputs, targets, fisher_type, options.mc_samples, rng)
+    grads = jax.vmap(lambda u: pullback(u)[0])(cotangents)
+    output_grads = {
+        name: site.canonical_output_grads(g)
+        for name, site, g in zip(names, sites, grads, strict=True)
+    }
+    return LayerSignals(layer_inputs, output_grads, scale)
+
+
+@partial(jax.jit, static_argnames=("options", "kfac_approx"))
+def kronecker_statistics(
+    params: PyTree,
+    inputs: Any,
+    targets: Array,
+    key: Array | None,
+    *,
+    options: SignalOptions,
+    kfac_approx: KFACApprox,
+) -> BatchStatistics:
+    """Return one batch's unnormalised factor statistics, compiled once per batch shape."""
+    signals = layer_signals(options, params, inputs, targets, key)
+    return batch_statistics(signals, kfac_approx)
+
+
+@partial(jax.jit, static_argnames=("options",))
+def kronecker_eigencorrections(
+    params: PyTree,
+    inputs: Any,
+    targets: Array,
+    key: Array | None,
+    bases: dict[str, tuple[Array, Array]],
+    *,
+    options: SignalOptions,
+) -> dict[str, Array]:
+    """Return one batch's EKFAC eigenvalue corrections, compiled once per batch shape."""
+    return batch_eigencorrections(layer_signals(options, params, inputs, targets, key), bases)
