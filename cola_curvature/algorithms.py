@@ -62,7 +62,9 @@ class CG(_KrylovSolver):
     """Conjugate gradients for ``A x = b`` with ``A`` symmetric positive definite.
 
     Stops a column when ``‖b − A x‖ ≤ tol ‖b‖`` (recursively updated residual); all
-    columns of ``B`` are solved together, one product with ``A`` per iteration.
+    columns of ``B`` are solved together, one product with ``A`` per iteration. Inside
+    ``jax.jit`` the iterations are one compiled ``while_loop`` (at most ``max_iters``,
+    ending once every column is below ``tol``; not reverse-differentiable).
 
     Args:
         tol: Relative residual at which a column has converged.
@@ -70,7 +72,9 @@ class CG(_KrylovSolver):
         on_failure: ``"warn"`` (a :class:`~cola_curvature.ConvergenceWarning`
             naming the residual reached) or ``"raise"`` (a
             :class:`~cola_curvature.ConvergenceError`) when a column has not
-            converged after ``max_iters`` iterations.
+            converged after ``max_iters`` iterations. Inside ``jax.jit`` the warning
+            comes when the compiled function runs (``jax.debug.callback``), and
+            ``"raise"`` returns the unconverged columns as NaN.
 
     """
 
@@ -119,7 +123,8 @@ class LanczosEig(Algorithm):
     Runs until the ``k`` wanted Ritz pairs have residuals ``‖A y − θ y‖ ≤ tol · max|θ|``;
     when the Krylov space becomes invariant (breakdown), it restarts from a random
     vector orthogonal to all previous ones, so repeated eigenvalues are found with their
-    multiplicity. One product with one column per step.
+    multiplicity. One product with one column per step. Inside ``jax.jit`` it runs
+    exactly ``min(max_iters, D)`` steps and checks ``tol`` when the compiled function runs.
 
     Args:
         tol: Relative Ritz residual at which an eigenpair has converged (``None``:
