@@ -102,6 +102,25 @@ def test_vector_matrix_and_pytree_products_agree(operator_type):
     assert relative_error(scipy_operator @ np.asarray(V), matrix_product) < EXACT_RTOL
 
 
+DIAGONAL_CASES = [Case("cnn", "ce", "sum", "uneven"), Case("sequence", "bce", "mean", "uneven")]
+
+
+@pytest.mark.parametrize("case", DIAGONAL_CASES, ids=[case.id for case in DIAGONAL_CASES])
+def test_diagonal_from_per_example_gradients_is_exact(case):
+    problem = build_jax_problem(case)
+    references = {
+        "type-2": jax_reference.dense_ggn,
+        "empirical": jax_reference.dense_empirical_fisher,
+    }
+    for fisher_type, reference in references.items():
+        diagonal = cc.DiagonalCurvature(*problem.args, fisher_type=fisher_type)
+        dense_reference = reference(problem.model_fn, case.loss, case.reduction, *problem.args[2:])
+        assert relative_error(cola.linalg.diag(diagonal), jnp.diag(dense_reference)) < EXACT_RTOL
+    mc = cc.DiagonalCurvature(*problem.args, fisher_type="mc", mc_samples=3, seed=4)
+    fisher = cc.FisherMC(*problem.args, mc_samples=3, seed=4)  # the same draws
+    assert relative_error(cola.linalg.diag(mc), jnp.diag(dense(fisher))) < EXACT_RTOL
+
+
 def tiny_classifier():
     return build_jax_problem(Case("mlp", "ce", "mean", "one"), seed=3)
 

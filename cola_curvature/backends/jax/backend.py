@@ -99,6 +99,10 @@ class JaxBackend:
         )
         self._hessian = jax.jit(partial(products.hessian_matmat, model), static_argnames="risk")
         self._gradient = jax.jit(partial(products.gradient, model), static_argnames="risk")
+        self._squared_gradients = jax.jit(
+            partial(products.squared_cotangent_gradients, model, self.loss),
+            static_argnames=("fisher_type", "mc_samples"),
+        )
 
     def forward(self, inputs: Any) -> Array:
         """Return the model output ``f(x)``."""
@@ -171,6 +175,30 @@ class JaxBackend:
         """Return ``∇_θ risk`` on one batch, compiled once per batch shape and ``risk``."""
         inputs, targets = batch
         return self._treedef.flatten_up_to(self._gradient(self._params, inputs, targets, risk=risk))
+
+    def curvature_diagonal(
+        self,
+        batch: tuple[Any, Any],
+        num_data: int,
+        fisher_type: Any,
+        mc_samples: int,
+        rng: JaxRandom,
+    ) -> Array:
+        """Return one batch's ``R Σ_{n,c} (J_nᵀ u_{n,c})²``, flat: the exact curvature diagonal.
+
+        ``u`` are the output cotangents of ``fisher_type`` (type-2: the GGN's diagonal; mc:
+        the Monte-Carlo Fisher's, drawn as :class:`~cola_curvature.FisherMC` draws them for
+        the same seed; empirical: the empirical Fisher's), from per-example gradients
+        (:func:`products.squared_cotangent_gradients`, compiled once per batch shape).
+        """
+        inputs, targets = batch
+        key = rng.next_key() if fisher_type == "mc" else None
+        squares = self._squared_gradients(
+            self._params, inputs, targets, key, fisher_type=fisher_type, mc_samples=mc_samples
+        )
+        flat = jnp.concatenate([s.reshape(-1) for s in self._treedef.flatten_up_to(squares)])
+        outputs = jax.eval_shape(self._model_fn, self._params, inputs)
+        return self.loss.scale(outputs, num_data) * flat
 
     def hessian_matmat(
         self, columns: list[Array], batch: tuple[Any, Any], risk: Callable

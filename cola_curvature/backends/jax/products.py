@@ -3,6 +3,7 @@
 Parameters are a pytree; the ``k`` columns of a product are the same pytree with a
 leading axis ``k`` on every leaf, and each column is mapped with ``jax.vmap`` so the
 primal computation (forward pass, or gradient for the Hessian) runs once for all columns.
+Per-example gradients map a batch-of-one ``jax.vjp`` over the examples with ``jax.vmap``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Any
 import jax
 
 from cola_curvature.backends.jax.state import JaxRandom
+from cola_curvature.losses import Loss
+from cola_curvature.operators import kronecker_statistics as statistics
+from cola_curvature.options import FisherType
 
 Array = Any
 PyTree = Any
@@ -67,3 +71,36 @@ def hessian_matmat(
     """
     gradient = jax.grad(lambda p: risk(model_fn(p, inputs), targets))
     return jax.vmap(lambda v: jax.jvp(gradient, (params,), (v,))[1])(columns)
+
+
+def squared_cotangent_gradients(
+    model_fn: ModelFn,
+    loss: Loss,
+    params: PyTree,
+    inputs: Any,
+    targets: Array,
+    key: Array | None,
+    fisher_type: FisherType,
+    mc_samples: int,
+) -> PyTree:
+    """Return ``Σ_{n,c} (J_nᵀ u_{n,c})²`` per parameter, from per-example gradients.
+
+    ``u`` are the output cotangents of ``fisher_type`` (drawn from ``key`` for mc). Each
+    example runs through the model alone (``jax.vmap`` over the examples of a
+    ``jax.vjp`` of ``model_fn`` on a batch of one, so the model must not mix examples);
+    its ``C'`` cotangent columns are mapped over one shared ``vjp``. Cost: one forward
+    pass plus ``C'`` reverse passes of per-example work, memory ``N · C' · D``.
+    """
+    outputs = model_fn(params, inputs)
+    loss.check_target(outputs, targets)
+    rng = None if key is None else JaxRandom(key)
+    cotangents = statistics.output_cotangents(loss, outputs, targets, fisher_type, mc_samples, rng)
+
+    def example_squares(x: Any, columns: Array) -> PyTree:
+        one = jax.tree_util.tree_map(lambda leaf: leaf[None], x)
+        _, vjp = jax.vjp(lambda p: model_fn(p, one)[0], params)
+        gradients = jax.vmap(lambda u: vjp(u)[0])(columns)
+        return jax.tree_util.tree_map(lambda g: (g**2).sum(0), gradients)
+
+    squares = jax.vmap(example_squares, in_axes=(0, 1))(inputs, cotangents)
+    return jax.tree_util.tree_map(lambda s: s.sum(0), squares)
