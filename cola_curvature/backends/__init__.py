@@ -19,7 +19,8 @@ def curvature_backend(model: object, loss_func: Any, params: Any) -> CurvatureBa
         f"No curvature backend for a model of type {type(model).__name__} with loss "
         f"{type(loss_func).__name__}; expected a torch.nn.Module (install the 'torch' extra), "
         "or a JAX model_fn(params, x) with a cola_curvature.losses object such as "
-        "cc.losses.MSE() (install the 'jax' extra)."
+        "cc.losses.MSE() (install the 'jax' extra), or a flax or equinox module with such a "
+        "loss (extras 'flax', 'equinox')."
     )
 
 

@@ -25,14 +25,18 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
     batches, the input formats and the checks of the operator contract.
 
     Args:
-        model: A ``torch.nn.Module`` (its parameters outside ``params`` stay fixed), or a
-            JAX ``model_fn(params, x) -> outputs``.
+        model: A ``torch.nn.Module`` (its parameters outside ``params`` stay fixed), a
+            JAX ``model_fn(params, x) -> outputs``, or a flax linen / flax nnx / equinox
+            module (see :mod:`cola_curvature.backends.jax.adapters`).
         loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss`` or a
             :mod:`cola_curvature.losses` descriptor (the only choice for JAX), with
             ``reduction`` ``"sum"`` or ``"mean"``.
         params: torch: the parameters the curvature is taken with respect to (any subset
             of the model's, in any order); JAX: the pytree ``model_fn`` takes, flattened
-            in ``jax.flatten_util.ravel_pytree`` order. ``D`` is their number of entries.
+            in ``jax.flatten_util.ravel_pytree`` order; flax linen: the variables
+            ``module.init`` returned; flax nnx: a filter (``None`` = ``nnx.Param``);
+            equinox: a filter spec (``None`` = inexact arrays). ``D`` is their number of
+            entries.
         data: A re-iterable of ``(X, y)`` batches, e.g. a list or a ``DataLoader``.
         num_data: Number of examples in ``data``; counted in one pass when ``None``.
         batch_size_fn: ``X -> int`` for inputs that are not a single array.
