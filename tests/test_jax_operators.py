@@ -191,8 +191,6 @@ def test_bad_input_names_the_fix():
         ggn @ np.zeros(D)
     with pytest.raises(ValueError, match="parameter-shaped input must be a pytree"):
         ggn @ {"0.weight": params["0.weight"]}
-    with pytest.raises(NotImplementedError, match="not implemented for JAX models"):
-        cc.KFAC(model_fn, loss, params, data)
 
 
 def test_arrays_of_the_other_library_are_refused_with_the_conversion():
