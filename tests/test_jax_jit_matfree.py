@@ -296,6 +296,26 @@ def test_a_second_call_with_new_values_does_not_retrace():
     assert relative_error(first, second) > 1e-3
 
 
+def test_gradient_of_a_jitted_newton_step_matches_the_dense_solve():
+    # the solve differentiates implicitly: d(A⁻¹v) = −A⁻¹ dA A⁻¹v, dA from the params
+    params, data = problem()
+    v = jnp.linspace(-1.0, 1.0, D)
+
+    def newton_norm(params):
+        G = ggn(params, data)
+        step = cola.linalg.inv(G + 0.5 * cola.ops.I_like(G), alg=cc.CG(tol=1e-12)) @ v
+        return jnp.sum(step**2)
+
+    def dense_norm(params):
+        G = jax_reference.dense_ggn(model_fn, "mse", "sum", params, data)
+        return jnp.sum(jnp.linalg.solve(G + 0.5 * jnp.eye(D), v) ** 2)
+
+    gradient = jax.jit(jax.grad(newton_norm))(params)
+    expected = jax.grad(dense_norm)(params)
+    for name in params:
+        assert relative_error(gradient[name], expected[name]) < 1e-9
+
+
 def test_check_deterministic_inside_jit_names_the_fix():
     params, data = problem()
     with pytest.raises(ValueError, match="check_deterministic=False"):

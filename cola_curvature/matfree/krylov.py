@@ -238,8 +238,9 @@ def lanczos_eigenpairs(
     every intermediate size would each need their own ``eigh``), so pass a ``max_iters``
     near the steps needed (e.g. ``3k + 20``); the residual test then happens when the
     compiled function runs: a :class:`~cola_curvature.ConvergenceWarning`, and NaN
-    results with ``on_failure="raise"``. Cost: ``min(max_iters, D)`` products with one
-    column, ``O(s² D)`` for reorthogonalisation.
+    results with ``on_failure="raise"``. Cost there: ``s = min(max_iters, D)`` products
+    with one column, ``O(s² D)`` for reorthogonalisation, ``O(s D)`` memory for the basis
+    and the restart vectors (drawn up front).
 
     Like every single-vector Krylov method, Lanczos sees an eigenvalue of multiplicity
     ``> 1`` once until the Krylov space is exhausted (a breakdown, after which the

@@ -14,8 +14,9 @@ the checks that need values move into the compiled function: a column that stops
 ``tol`` gives a :class:`~cola_curvature.ConvergenceWarning` at run time (through
 ``jax.debug.callback``) and, with ``on_failure="raise"``, comes back as NaN; a column
 on which CG meets ``pᵀAp ≤ 0`` comes back as NaN (eagerly a ``ValueError``). The
-compiled loop is not reverse-differentiable (``jax.grad`` through a jitted solve fails);
-eager ``jax.grad`` runs the Python loop and differentiates through it.
+compiled loop itself is not reverse-differentiable; ``A⁻¹ @ B`` of
+:class:`IterativeInverse` (what ``cola.linalg.inv`` returns) differentiates the solution
+implicitly instead, and eager ``jax.grad`` differentiates through the Python loop.
 """
 
 from __future__ import annotations
@@ -233,7 +234,11 @@ def solve(A: LinearOperator, B: Array, alg: CG | MINRES | Neumann) -> tuple[Arra
 class IterativeInverse(LinearOperator):
     """``A⁻¹`` as a CoLA operator: each ``@`` solves ``A X = B`` with ``alg``.
 
-    ``info`` holds the last solve's iterations and per-column relative residuals.
+    ``info`` holds the last solve's iterations and per-column relative residuals (traced
+    arrays, valid only inside that trace, when the solve ran inside ``jax.jit``). Inside
+    ``jax.jit`` the solve is differentiable (``jax.grad``, also with respect to the
+    parameters ``A`` was built from) by the implicit function theorem:
+    :func:`~cola_curvature.backends.jax.implicit.implicit_solve`.
     """
 
     def __init__(self, A: LinearOperator, alg: CG | MINRES | Neumann) -> None:
@@ -243,7 +248,13 @@ class IterativeInverse(LinearOperator):
         self.info: dict = {}
 
     def _matmat(self, X: Array) -> Array:
-        solution, self.info = solve(self.A, X, self.alg)
+        A, alg = self.A, self.alg
+        if is_abstract(A.xnp.norm(X)):  # inside jax.jit: differentiable by the implicit function
+            from cola_curvature.backends.jax.implicit import implicit_solve
+
+            solution, self.info = implicit_solve(lambda V: A @ V, X, lambda B: solve(A, B, alg))
+            return solution
+        solution, self.info = solve(A, X, alg)
         return solution
 
     def _rmatmat(self, X: Array) -> Array:

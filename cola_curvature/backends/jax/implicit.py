@@ -1,0 +1,25 @@
+"""Derivatives of an iterative linear solve by the implicit function theorem, for ``jax.jit``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+Array = Any
+
+
+def implicit_solve(
+    matvec: Callable[[Array], Array], B: Array, solve: Callable[[Array], tuple[Array, dict]]
+) -> tuple[Array, dict]:
+    """Return ``solve(B) = (X, info)`` with derivatives from ``A X = B`` rather than the loop.
+
+    ``jax.lax.custom_linear_solve`` with ``A`` symmetric: ``dX = A⁻¹ (dB − dA X)``, and
+    the transpose solve is the solve itself, so ``jax.grad`` of a jitted solve costs one
+    more solve (the compiled ``while_loop`` of the solvers cannot be differentiated in
+    reverse mode). ``matvec`` may close over traced parameters of ``A``.
+    """
+    return jax.lax.custom_linear_solve(
+        matvec, B, lambda _, b: solve(b), symmetric=True, has_aux=True
+    )
