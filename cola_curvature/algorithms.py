@@ -64,7 +64,8 @@ class CG(_KrylovSolver):
     Stops a column when ``‖b − A x‖ ≤ tol ‖b‖`` (recursively updated residual); all
     columns of ``B`` are solved together, one product with ``A`` per iteration. Inside
     ``jax.jit`` the iterations are one compiled ``while_loop`` (at most ``max_iters``,
-    ending once every column is below ``tol``; not reverse-differentiable).
+    ending once every column is below ``tol``), and ``jax.grad`` of ``inv(A) @ b``
+    differentiates the solution implicitly (one more solve) rather than the loop.
 
     Args:
         tol: Relative residual at which a column has converged.
