@@ -246,6 +246,22 @@ def test_equinox_filter_spec_and_batched_modules():
     assert relative_error(batched, full) < EXACT_RTOL
 
 
+@pytest.mark.parametrize("operator_type", [cc.KFAC, cc.EKFAC])
+def test_kronecker_factored_curvature_of_flax_modules_matches_the_plain_model_fn(operator_type):
+    data, loss = make_data("ce", (9, 6)), cc.losses.CrossEntropy()
+    module, variables, plain_fn = linen_problem()
+    nnx_module, nnx_params, nnx_plain_fn = nnx_problem()
+    pairs = [
+        ((module, loss, variables, data), (plain_fn, loss, variables["params"], data)),
+        ((nnx_module, loss, None, data), (nnx_plain_fn, loss, nnx_params, data)),
+    ]
+    for args, plain_args in pairs:
+        # the batch norm's scale and bias are no dense layer's: an exact dense block
+        actual = dense(operator_type(*args, uncovered="dense"))
+        expected = dense(operator_type(*plain_args, uncovered="dense"))
+        assert relative_error(actual, expected) < EXACT_RTOL
+
+
 # --------------------------------------------------------------------------- errors, imports
 
 
