@@ -127,7 +127,7 @@ def from_flax_linen(
     return model_fn, variables["params"]
 
 
-def from_flax_nnx(module: Any, filter: Any = None) -> tuple[ModelFn, PyTree]:  # noqa: A002
+def from_flax_nnx(module: Any, filter: Any = None) -> tuple[ModelFn, PyTree]:
     """Return ``model_fn(params, x) = nnx.merge(graphdef, params, rest)(x)`` and ``params``.
 
     ``nnx.split(module, filter, ...)`` separates the parameters from the rest of the
