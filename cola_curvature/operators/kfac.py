@@ -114,7 +114,8 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
     (type-2) or empirical Fisher (empirical) block.
 
     Cost of the build per batch: one forward pass plus ``C`` (type-2), ``mc_samples`` (mc)
-    or one (empirical) backward passes batched by ``vmap``; forward-only needs none. The
+    or one (empirical) backward passes (JAX batches them by ``vmap``; torch runs them in turn,
+    its ``vmap`` rules for pooling being slower); forward-only needs none. The
     dispatch rules invert, take logdet, eig, sqrt, trace and diag from the factors' eigen-
     decompositions, ``O(Σ_l out_l³ + in_l³)``. Annotation: ``PSD``.
 

@@ -13,16 +13,23 @@ from cola_curvature.options import FisherType, KFACApprox
 Array = Any
 
 
-def _second_moment(x: Array, approx: KFACApprox, reduce_op: str) -> Array:
+def _second_moment(
+    x: Array, approx: KFACApprox, reduce_op: str, example_major: bool = False
+) -> Array:
     """Return ``Σ_{n,t} x xᵀ`` (expand) or ``Σ_n x̄ x̄ᵀ`` with ``x̄ = op_t x`` (reduce).
 
-    Expand is one product ``Xᵀ (Xᵀ)ᵀ`` of the feature-major ``(features, N T)`` matrix: free
-    to form when the features are the slowest axis in memory (the torch backend's layout).
+    Expand is one product ``Xᵀ (Xᵀ)ᵀ`` of the feature-major ``(features, N T)`` matrix, free
+    to form when the features are the slowest axis in memory (the torch backend's inputs).
+    With ``example_major`` (``x`` stored example by example, as autograd returns output
+    gradients) and at least as many positions ``T`` as features, the ``N`` per-example
+    products ``x_nᵀ x_n`` are summed instead: no copy of ``x``, partial sums no larger.
     """
     if approx is KFACApprox.REDUCE:
         x = x.mean(1) if reduce_op == "mean" else x.sum(1)
         return x.T @ x
     xnp = get_library_fns(x.dtype)
+    if example_major and x.shape[1] >= x.shape[-1]:
+        return (xnp.moveaxis(x, -1, -2) @ x).sum(0)
     columns = xnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1)
     return columns @ columns.T
 
@@ -104,7 +111,8 @@ def batch_statistics(signals: LayerSignals, kfac_approx: KFACApprox) -> BatchSta
     if signals.output_grads is not None:
         for name, g in signals.output_grads.items():
             columns = g.reshape(-1, g.shape[2], g.shape[3])
-            output_moments[name] = signals.scale * _second_moment(columns, kfac_approx, "sum")
+            moment = _second_moment(columns, kfac_approx, "sum", example_major=True)
+            output_moments[name] = signals.scale * moment
     return BatchStatistics(input_moments, output_moments, positions)
 
 
