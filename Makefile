@@ -2,7 +2,7 @@
 #   make test    the whole suite on 2 workers (what .ci/run runs); serial: make test PYTEST_ARGS=-q
 #   make demo    examples/demo.py
 #   make bench   benchmarks/harness.py: products, KFAC, curvlinops and JAX vs one gradient
-#                (about 10 min; writes benchmarks/RESULTS.md and benchmarks/results/harness.*)
+#                (~7 min on an idle 2-core machine; writes benchmarks/RESULTS.md, results/harness.*)
 #   make lint    ruff check + ruff format --check
 PYTHON ?= python3
 VENV ?= .venv-ci

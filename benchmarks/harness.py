@@ -29,7 +29,7 @@ allocator statistics.
 
 Run from the repository root (``make bench`` does this with the default options)::
 
-    .venv-ci/bin/python -m benchmarks.harness            # all models (see RESULTS.md)
+    .venv-ci/bin/python -m benchmarks.harness            # all models, ~7 min when idle
     .venv-ci/bin/python -m benchmarks.harness --quick    # 2 rounds, small memory pass
 
 It writes ``benchmarks/results/harness.json`` (raw times, ratios and memory),
@@ -211,7 +211,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=list(MODELS))
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
     parser.add_argument(
         "--memory",
@@ -237,7 +237,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = {"repeats": 2, "warmup": 0, "memory": "ours"}
-    default = {"repeats": 7, "warmup": 1, "memory": "all"}
+    default = {"repeats": 5, "warmup": 1, "memory": "all"}
     for key in quick:
         if getattr(args, key) is None:
             setattr(args, key, (quick if args.quick else default)[key])

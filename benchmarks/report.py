@@ -150,7 +150,7 @@ def markdown(record: dict, md_dir: Path, json_path: Path, png_path: Path) -> str
         BEGIN,
         "## Harness: products, KFAC and JAX vs one gradient and vs curvlinops",
         "",
-        f"Command: `{record['command']}` (what `make bench` runs), {record['date']}, "
+        f"Command: `{record['command']}` (`make bench` runs it without options), {record['date']}, "
         f"{record['wall_s']:.0f} s in all. Machine: {record['cpu']}, {record['logical_cpus']} "
         f"logical CPUs, threads: {threads}. Versions: {versions}, Python {record['python']}. "
         f"{record['repeats']} timed rounds after {record['warmup']} warm-up round(s); "
