@@ -117,6 +117,7 @@ def deep_linear(reduction):
         "d_w": normal(6, 3, 4),
         "d_b": normal(7, 3),
         "e_w": normal(8, 2, 3),
+        "f_w": normal(9, 2, 2),
     }
 
     def model_fn(p, x):
@@ -124,10 +125,10 @@ def deep_linear(reduction):
         h = flax_linear(p["b_w"], p["b_b"], h)
         h = einsum_linear(p["c_w"], p["c_b"], h)
         h = jitted_linear(p["d_w"], p["d_b"], h)
-        return (p["e_w"] @ h.T).T
+        return (p["f_w"] @ (p["e_w"] @ h.T)).T  # weights as lhs, examples on the last axis
 
     X, y = normal(10, 8, 3), normal(11, 8, 2)
-    groups = [("a_w", "a_b"), ("b_w", "b_b"), ("c_w", "c_b"), ("d_w", "d_b"), ("e_w",)]
+    groups = [("a_w", "a_b"), ("b_w", "b_b"), ("c_w", "c_b"), ("d_w", "d_b"), ("e_w",), ("f_w",)]
     return model_fn, params, uneven_batches(X, y), groups
 
 

@@ -118,19 +118,29 @@ def _rearranged(eqn: JaxprEqn, index: np.ndarray) -> np.ndarray | None:
 
 
 def _is_permutation(index: np.ndarray, size: int) -> bool:
-    """Return whether ``index`` holds every position ``0 … size-1`` exactly once."""
-    return index.size == size and np.array_equal(np.sort(index.reshape(-1)), np.arange(size))
+    """Return whether ``index`` holds every position ``0 … size-1`` exactly once.
+
+    ``index`` comes from ``arange(size)`` through transposes and reshapes (bijections) and
+    ``broadcast_in_dim``/``squeeze``, which only ever add or drop copies: it holds every
+    position once exactly when no copies were added, i.e. when its size is ``size``.
+    """
+    return index.size == size
 
 
 def _bias_along(index: np.ndarray, shape: tuple[int, ...], axis: int, size: int) -> bool:
     """Return whether ``index`` broadcast to ``shape`` is ``0 … size-1`` along ``axis`` only."""
     if size != shape[axis] or index.ndim > len(shape):
         return False
+    aligned = index.reshape((1,) * (len(shape) - index.ndim) + index.shape)
+    vector = [1] * len(shape)
+    vector[axis] = size
+    expected = np.arange(size).reshape(vector)
+    if aligned.shape == tuple(vector):  # the usual case: no copies along the other axes
+        return np.array_equal(aligned, expected)
     try:
-        full = np.broadcast_to(index, shape)
+        full = np.broadcast_to(aligned, shape)
     except ValueError:
         return False
-    expected = np.arange(size).reshape([-1 if d == axis else 1 for d in range(len(shape))])
     return np.array_equal(full, np.broadcast_to(expected, shape))
 
 
@@ -219,7 +229,7 @@ class LayerSearch:
         for weight in (1, 0):
             activation = 1 - weight
             leaf = ins[weight]
-            if leaf is None or leaf.index.ndim != 2 or not self._weight(leaf):
+            if not self._weight(leaf) or leaf.index.ndim != 2:
                 continue
             if isinstance(ins[activation], _Leaf):
                 return None
