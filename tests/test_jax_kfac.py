@@ -3,6 +3,7 @@
 import itertools
 
 import cola
+import equinox as eqx
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
@@ -540,6 +541,69 @@ def test_flax_linen_modules_are_exact_where_kfac_is():
     flat = np.asarray(ravel_pytree(labels)[0])
     mask = (flat[:, None] == flat[None, :]).astype(np.float64)
     assert relative_error(dense(kfac), ggn * mask) < EXACT_RTOL
+
+
+class PositionWise(eqx.Module):
+    """An equinox module applied to every position of a per-example sequence ``(T, in)``."""
+
+    module: eqx.Module
+
+    def __call__(self, x):
+        return jax.vmap(self.module)(x)
+
+
+@pytest.mark.parametrize(
+    ("shape", "approx"),
+    [((3,), "reduce"), ((5, 3), "expand")],
+    ids=["mlp-reduce", "sequence-expand"],
+)
+def test_equinox_modules_are_exact_where_kfac_is(shape, approx):
+    """A vmapped deep linear eqx MLP + MSE: every bias attached, KFAC = plain = GGN blocks.
+
+    ``jax.vmap`` of ``W @ x + b`` gives ``transpose(W @ Xᵀ) + b`` (over a sequence, a
+    transpose of ``(out, N, T)``): the bias lies along the transposed output's features.
+    """
+    mlp = eqx.nn.MLP(3, 2, 4, 2, activation=lambda h: h, key=jax.random.key(0), dtype=jnp.float64)
+    module = mlp if len(shape) == 1 else PositionWise(mlp)
+    model_fn, params = cc.backends.jax.from_equinox(module)
+    leaves = jax.tree_util.tree_leaves(params)  # (weight, bias) per layer, in flat order
+    pairs = list(zip(leaves[::2], leaves[1::2], strict=True))
+
+    def plain_fn(p, x):
+        for W, b in p:
+            x = torch_linear(W, b, x)
+        return x
+
+    X, y = normal(10, 8, *shape), normal(11, 8, *shape[:-1], 2)
+    data, loss = [(X[:3], y[:3]), (X[3:], y[3:])], cc.losses.MSE()
+    ggn = dense_ggn(plain_fn, "mse", "mean", pairs, data)
+    labels = np.concatenate([np.full(leaf.size, i // 2) for i, leaf in enumerate(leaves)])
+    expected = ggn * (labels[:, None] == labels[None, :])
+    for operator in (cc.KFAC, cc.EKFAC):
+        built = operator(module, loss, None, data, kfac_approx=approx, **FAST)
+        assert [layer.bias_index for layer in built.layers] == [1, 3, 5]
+        plain = operator(plain_fn, loss, pairs, data, kfac_approx=approx, **FAST)
+        assert relative_error(dense(built), dense(plain)) < EXACT_RTOL
+        assert relative_error(dense(built), expected) < EXACT_RTOL
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda p, x: (p["w"] @ x.T).T + p["b"][:, None],
+        lambda p, x: p["w"] @ x.T + p["b"],
+        lambda p, x: x @ p["w"].T + p["b"][:, None],
+    ],
+    ids=["transposed", "features-first", "features-last"],
+)
+def test_a_bias_along_the_example_axis_is_not_attached(body):
+    """With as many examples as output features, a bias along the examples is uncovered."""
+    params = {"w": normal(0, 4, 3), "b": normal(1, 4)}
+    X = normal(2, 4, 3)
+    with pytest.raises(ValueError, match=r"params\[0\] \(\"\['b'\]\".*uncovered='dense'"):
+        cc.KFAC(body, cc.losses.MSE(), params, [(X, body(params, X))])
+    kfac = cc.KFAC(body, cc.losses.MSE(), params, [(X, body(params, X))], uncovered="dense")
+    assert [layer.bias_index for layer in kfac.layers] == [None]
 
 
 def test_laplace_with_jax_kfac_matches_torch():

@@ -2,7 +2,9 @@
 
 A layer is a ``dot_general`` or ``conv_general_dilated`` whose weight operand is a parameter
 leaf (possibly rearranged by ``transpose``/``reshape``), optionally followed by an ``add`` of
-a bias leaf (possibly through ``broadcast_in_dim``/``reshape``/``squeeze``). Calls of nested
+a bias leaf (possibly through ``broadcast_in_dim``/``reshape``/``squeeze``) along the output
+features, possibly after ``transpose``s of the output (``jax.vmap`` of a per-example
+``W @ x + b`` computes ``(W @ xᵀ)ᵀ + b``). Calls of nested
 jaxprs (``jit``, ``closed_call``, ``checkpoint``) are followed; every other primitive that
 consumes a leaf (including ``custom_jvp_call``, ``scan``, elementwise maths) is a use of that
 leaf outside any layer.
@@ -34,7 +36,9 @@ class Site:
     ``weight_positions[o, i]`` is the flat position in the weight leaf of the entry that
     multiplies input feature ``i`` into output feature ``o``; for a convolution, ``i`` runs
     over ``(in_channel, *filter)`` as :func:`jax.lax.conv_general_dilated_patches` orders
-    its features.
+    its features. ``output_permutation`` (when the bias is added after ``transpose``s of the
+    layer's output) gives, for each axis of the value at ``output_path``, the axis of the
+    ``op_path`` output it came from.
     """
 
     kind: str
@@ -48,6 +52,7 @@ class Site:
     contracting: int = 0
     conv: dict[str, Any] = field(default_factory=dict)
     bias: int | None = None
+    output_permutation: tuple[int, ...] | None = None
 
     def canonical_inputs(self, a: Array) -> Array:
         """Return the layer input as ``(N, T, in)``: conv inputs as patches."""
@@ -59,6 +64,8 @@ class Site:
 
     def canonical_output_grads(self, g: Array) -> Array:
         """Return output gradients ``(C', *output.shape)`` as ``(C', N, T, out)``."""
+        if self.output_permutation is not None:  # back to the op's output layout
+            g = jnp.transpose(g, (0, *(1 + np.argsort(self.output_permutation))))
         if self.kind == "dense":
             g = jnp.moveaxis(g, 1 + self.out_axis, -1)
             return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
@@ -82,10 +89,22 @@ class _Leaf:
 
 @dataclass
 class _Output:
-    """A value that is the output of ``site`` (``biased`` once its bias has been added)."""
+    """A value that is the output of ``site`` (``biased`` once its bias has been added).
+
+    ``permutation[k]`` is the axis of the op's output that axis ``k`` of this value is
+    (``None``: the op's output itself).
+    """
 
     site: Site
     biased: bool
+    permutation: tuple[int, ...] | None = None
+
+    @property
+    def feature_axis(self) -> int:
+        """Return the axis of this value that runs over the layer's output features."""
+        if self.permutation is None:
+            return self.site.out_axis
+        return self.permutation.index(self.site.out_axis)
 
 
 def _nested(eqn: JaxprEqn) -> tuple[Jaxpr, Sequence[Any]] | None:
@@ -204,7 +223,9 @@ class LayerSearch:
             if index is not None:
                 return [_Leaf(ins[0].leaf, index)]
         found = None
-        if name == "dot_general":
+        if name == "transpose":
+            found = self._transposed(eqn, ins, counts)
+        elif name == "dot_general":
             found = self._dense(eqn, ins, here)
         elif name == "conv_general_dilated":
             found = self._conv(eqn, ins, here)
@@ -300,8 +321,21 @@ class LayerSearch:
         self.uses[site.weight].append(use)
         return _Output(site, biased=False)
 
+    def _transposed(self, eqn: JaxprEqn, ins: list[Any], counts: Counter) -> _Output | None:
+        """Follow an unbiased layer output (used only here) through a ``transpose``."""
+        output = ins[0]
+        if not isinstance(output, _Output) or output.biased or counts[eqn.invars[0]] != 1:
+            return None
+        before = output.permutation or tuple(range(eqn.invars[0].aval.ndim))
+        after = tuple(before[axis] for axis in eqn.params["permutation"])
+        return _Output(output.site, biased=False, permutation=after)
+
     def _bias(self, eqn: JaxprEqn, ins: list[Any], here: Path, counts: Counter) -> Any:
-        """Recognise ``layer output + b`` with ``b`` a leaf laid along the output features."""
+        """Recognise ``layer output + b`` with ``b`` a leaf laid along the output features.
+
+        The output may have been transposed since the op (:meth:`_transposed`): the bias
+        must lie along the axis that the op's output features moved to.
+        """
         for position in (0, 1):
             output, bias = ins[position], ins[1 - position]
             var = eqn.invars[position]
@@ -310,8 +344,9 @@ class LayerSearch:
             site, shape = output.site, tuple(var.aval.shape)
             if counts[var] != 1 or tuple(eqn.outvars[0].aval.shape) != shape:
                 continue
-            if _bias_along(bias.index, shape, site.out_axis, self.sizes[bias.leaf]):
+            if _bias_along(bias.index, shape, output.feature_axis, self.sizes[bias.leaf]):
                 site.bias, site.output_path = bias.leaf, here
+                site.output_permutation = output.permutation
                 site.output_aval = eqn.outvars[0].aval
                 self.uses[bias.leaf].append("a bias add")
                 return _Output(site, biased=True)
