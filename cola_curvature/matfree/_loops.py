@@ -33,6 +33,8 @@ def iterate(
         ``done``) and the final state.
 
     """
+    if num_steps == 0:  # a compiled loop would still trace its body once
+        return 0, state
     if not traced:
         for step in range(num_steps):
             if done is not None and bool(done(state)):

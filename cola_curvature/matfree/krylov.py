@@ -121,12 +121,16 @@ def lanczos_tridiagonals(A: LinearOperator, start: Array, num_steps: int) -> tup
         alphas = _store(alphas, alpha, index, xnp)
         return basis, alphas, _store(betas, beta, index, xnp), q
 
-    basis = _container(A, (num_steps, dimension, columns), traced)
-    alphas, betas = (_container(A, (num_steps, columns), traced) for _ in range(2))
-    _, (_, alphas, betas, _) = iterate(
-        step, (basis, alphas, betas, q), num_steps, xnp, traced=traced
+    # s − 1 full steps, then only the last α (its β and orthogonalisation are not needed)
+    basis = _container(A, (num_steps - 1, dimension, columns), traced)
+    alphas = _container(A, (num_steps, columns), traced)
+    betas = _container(A, (num_steps - 1, columns), traced)
+    _, (_, alphas, betas, q) = iterate(
+        step, (basis, alphas, betas, q), num_steps - 1, xnp, traced=traced
     )
-    return _stacked(alphas, xnp), _stacked(betas, xnp)[: num_steps - 1]
+    alphas = _store(alphas, xnp.sum(q * (A @ q), axis=0), num_steps - 1, xnp)
+    alpha = _stacked(alphas, xnp)
+    return alpha, _stacked(betas, xnp) if num_steps > 1 else alpha[:0]
 
 
 def _tridiagonal_matrices(alpha: Array, beta: Array, xnp: Any) -> Array:
