@@ -160,6 +160,11 @@ def test_products_compile_once_per_batch_shape(operator_type):
     assert sorted(traces) == [3, 5, 7]
     assert relative_error(second, 2 * first) < EXACT_RTOL
     assert relative_error(again, first[:, 1]) < EXACT_RTOL
+    # an operator rebuilt on new parameter values (a training step) reuses the programs
+    moved = jax.tree_util.tree_map(lambda p: 1.5 * p, problem.params)
+    rebuilt = operator_type(counting_fn, problem.loss, moved, problem.data)
+    rebuilt @ V
+    assert sorted(traces) == [3, 5, 7]
 
 
 def test_bad_input_names_the_fix():

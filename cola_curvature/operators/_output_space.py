@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from cola_curvature.losses import Loss
 
 Array = Any
 
@@ -20,3 +23,65 @@ def outer_product_matmat(d: Array, jv: Array) -> Array:
     trailing = (1,) * (d.ndim - 2)
     weighted = inner.reshape((num_vectors, num_columns, num_examples) + trailing) * d[:, None]
     return weighted.sum(0)
+
+
+# The output-space maps below are what an operator hands its backend for one batch. They are
+# frozen dataclasses, equal (and hashing equal) when loss object, N and options are: the JAX
+# backend compiles one program per distinct map, so operators rebuilt on the same model and
+# loss (one per training step) share it instead of compiling again.
+
+
+@dataclass(frozen=True)
+class GaussNewtonOutputMatmat:
+    """``(f, y, JV, rng) ↦ R ∇²_f ℓ(f, y) · (J V)``: the GGN's output-space matrix."""
+
+    loss: Loss
+    num_data: int
+
+    def __call__(self, f: Array, y: Array, jv: Array, rng: Any) -> Array:
+        """Return ``R H_n (J V)_n`` per example (``rng`` unused: the matrix is exact)."""
+        self.loss.check_target(f, y)
+        return self.loss.scale(f, self.num_data) * self.loss.hessian_matmat(f, jv)
+
+
+@dataclass(frozen=True)
+class EmpiricalFisherOutputMatmat:
+    """``(f, y, JV, rng) ↦ R d dᵀ (J V)`` per example, ``d = ∇_f ℓ(f, y)``."""
+
+    loss: Loss
+    num_data: int
+
+    def __call__(self, f: Array, y: Array, jv: Array, rng: Any) -> Array:
+        """Return ``R d_n d_nᵀ (J V)_n`` per example (``rng`` unused)."""
+        self.loss.check_target(f, y)
+        d = self.loss.output_gradient(f, y)
+        return self.loss.scale(f, self.num_data) * outer_product_matmat(d[None], jv)
+
+
+@dataclass(frozen=True)
+class MonteCarloFisherOutputMatmat:
+    """``(f, y, JV, rng) ↦ (R / M) Σ_m d̂_m d̂_mᵀ (J V)``, ``d̂_m`` gradients at sampled targets."""
+
+    loss: Loss
+    num_data: int
+    mc_samples: int
+
+    def __call__(self, f: Array, y: Array, jv: Array, rng: Any) -> Array:
+        """Return ``(R / M) Σ_m d̂_{nm} d̂_{nm}ᵀ (J V)_n`` per example, targets drawn from ``rng``."""
+        self.loss.check_target(f, y)
+        samples = self.loss.sampled_output_gradients(f, rng, self.mc_samples)
+        scale = self.loss.scale(f, self.num_data) / self.mc_samples
+        return scale * outer_product_matmat(samples, jv)
+
+
+@dataclass(frozen=True)
+class ScaledRisk:
+    """``(f, y) ↦ R Σ_{n ∈ batch} ℓ(f_n, y_n)``: one batch's share of the risk ``L(θ)``."""
+
+    loss: Loss
+    num_data: int
+
+    def __call__(self, f: Array, y: Array) -> Array:
+        """Return the batch's scaled summed loss."""
+        self.loss.check_target(f, y)
+        return self.loss.scale(f, self.num_data) * self.loss.sum_value(f, y)

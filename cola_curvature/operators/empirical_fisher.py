@@ -7,7 +7,7 @@ from typing import Any
 from cola.annotations import PSD
 
 from cola_curvature.operators._base import CurvatureOperator
-from cola_curvature.operators._output_space import outer_product_matmat
+from cola_curvature.operators._output_space import EmpiricalFisherOutputMatmat
 
 Array = Any
 
@@ -33,12 +33,7 @@ class EmpiricalFisher(CurvatureOperator):
 
     annotation = PSD
 
-    def _output_matmat(self, f: Array, y: Array, jv: Array, rng: Any) -> Array:
-        """Return ``R d_n d_nᵀ (J V)_n`` per example, ``d_n = ∇_f ℓ(f_n, y_n)``."""
-        self._loss.check_target(f, y)
-        d = self._loss.output_gradient(f, y)
-        return self._loss.scale(f, self.num_data) * outer_product_matmat(d[None], jv)
-
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``R Σ_n J_nᵀ d_n d_nᵀ J_n V`` on one batch."""
-        return self._backend.gauss_newton_matmat(columns, batch, self._output_matmat, rng)
+        output_matmat = EmpiricalFisherOutputMatmat(self._loss, self.num_data)
+        return self._backend.gauss_newton_matmat(columns, batch, output_matmat, rng)

@@ -8,7 +8,7 @@ from cola.annotations import PSD
 
 from cola_curvature._checks import check_mc_samples
 from cola_curvature.operators._base import CurvatureOperator
-from cola_curvature.operators._output_space import outer_product_matmat
+from cola_curvature.operators._output_space import MonteCarloFisherOutputMatmat
 
 Array = Any
 
@@ -51,13 +51,7 @@ class FisherMC(CurvatureOperator):
         """Return a random source seeded with ``seed``, fresh for every product."""
         return self._backend.random(self._seed)
 
-    def _output_matmat(self, f: Array, y: Array, jv: Array, rng: Any) -> Array:
-        """Return ``(R / M) Σ_m d̂_{nm} d̂_{nm}ᵀ (J V)_n`` per example, targets drawn from ``rng``."""
-        self._loss.check_target(f, y)
-        samples = self._loss.sampled_output_gradients(f, rng, self._mc_samples)
-        scale = self._loss.scale(f, self.num_data) / self._mc_samples
-        return scale * outer_product_matmat(samples, jv)
-
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``(R / M) Σ_{n,m} J_nᵀ d̂_{nm} d̂_{nm}ᵀ J_n V`` on one batch."""
-        return self._backend.gauss_newton_matmat(columns, batch, self._output_matmat, rng)
+        output_matmat = MonteCarloFisherOutputMatmat(self._loss, self.num_data, self._mc_samples)
+        return self._backend.gauss_newton_matmat(columns, batch, output_matmat, rng)

@@ -7,6 +7,7 @@ from typing import Any
 from cola.annotations import PSD
 
 from cola_curvature.operators._base import CurvatureOperator
+from cola_curvature.operators._output_space import GaussNewtonOutputMatmat
 
 Array = Any
 
@@ -33,11 +34,7 @@ class GGN(CurvatureOperator):
 
     annotation = PSD
 
-    def _output_matmat(self, f: Array, y: Array, jv: Array, rng: Any) -> Array:
-        """Return ``R H J V`` from ``f``, ``y`` and ``J V`` of shape ``(k, *f.shape)``."""
-        self._loss.check_target(f, y)
-        return self._loss.scale(f, self.num_data) * self._loss.hessian_matmat(f, jv)
-
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``R Jᵀ H J V`` on one batch."""
-        return self._backend.gauss_newton_matmat(columns, batch, self._output_matmat, rng)
+        output_matmat = GaussNewtonOutputMatmat(self._loss, self.num_data)
+        return self._backend.gauss_newton_matmat(columns, batch, output_matmat, rng)

@@ -7,6 +7,7 @@ from typing import Any
 from cola.annotations import SelfAdjoint
 
 from cola_curvature.operators._base import CurvatureOperator
+from cola_curvature.operators._output_space import ScaledRisk
 
 Array = Any
 
@@ -31,11 +32,6 @@ class Hessian(CurvatureOperator):
 
     annotation = SelfAdjoint
 
-    def _risk(self, f: Array, y: Array) -> Array:
-        """Return ``R Σ_{n ∈ batch} ℓ(f_n, y_n)``."""
-        self._loss.check_target(f, y)
-        return self._loss.scale(f, self.num_data) * self._loss.sum_value(f, y)
-
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``∇²_θ (R Σ_{n ∈ batch} ℓ_n) V``."""
-        return self._backend.hessian_matmat(columns, batch, self._risk)
+        return self._backend.hessian_matmat(columns, batch, ScaledRisk(self._loss, self.num_data))

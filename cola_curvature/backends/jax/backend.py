@@ -66,14 +66,33 @@ def _arrays(obj: Any) -> list[Array]:
     return [x for x in jax.tree_util.tree_leaves(obj) if isinstance(x, (jax.Array, np.ndarray))]
 
 
+# The compiled products, shared by every backend: ``model_fn`` (and the loss, the output-space
+# matrix, the risk) are static arguments, hashed by identity, so operators rebuilt on the same
+# model_fn (a new GGN or KFAC every training step) reuse one compiled program per batch shape
+# instead of compiling their own. jit's cache keeps those static objects alive.
+_forward = jax.jit(lambda model_fn, params, inputs: model_fn(params, inputs), static_argnums=0)
+_gauss_newton = jax.jit(
+    products.gauss_newton_matmat, static_argnums=0, static_argnames="output_matmat"
+)
+_hessian = jax.jit(products.hessian_matmat, static_argnums=0, static_argnames="risk")
+_gradient = jax.jit(products.gradient, static_argnums=0, static_argnames="risk")
+_squared_gradients = jax.jit(
+    products.squared_cotangent_gradients,
+    static_argnums=(0, 1),
+    static_argnames=("fisher_type", "mc_samples"),
+)
+
+
 class JaxBackend:
     """Products of a JAX ``model_fn(params, x)``'s Jacobian and Hessian w.r.t. ``params``.
 
     Flat vectors and the rows of ``(D, k)`` matrices follow
     ``jax.flatten_util.ravel_pytree(params)``: the leaves in ``jax.tree_util`` order
     (dict keys sorted), each raveled in C order. Every product is jit-compiled once per
-    batch shape and per operator (the output-space matrix is a static argument), so
-    later products on the same shapes do not re-trace the model.
+    ``model_fn``, batch shape and output-space matrix (static arguments), and the compiled
+    programs are shared by all operators on the same ``model_fn`` and loss object: later
+    products on the same shapes, of this operator or of one rebuilt from new parameter
+    values, do not re-trace the model.
 
     Args:
         model: ``model_fn(params, x) -> outputs``, a pure function of JAX arrays.
@@ -93,16 +112,11 @@ class JaxBackend:
         # traced leaves (inside jit) have no device: JAX places by the computation's sharding
         self.device = None if is_traced(leaves[0]) else next(iter(leaves[0].devices()))
         self.num_params = sum(self._sizes)
-        self._forward = jax.jit(model)
-        self._gauss_newton = jax.jit(
-            partial(products.gauss_newton_matmat, model), static_argnames="output_matmat"
-        )
-        self._hessian = jax.jit(partial(products.hessian_matmat, model), static_argnames="risk")
-        self._gradient = jax.jit(partial(products.gradient, model), static_argnames="risk")
-        self._squared_gradients = jax.jit(
-            partial(products.squared_cotangent_gradients, model, self.loss),
-            static_argnames=("fisher_type", "mc_samples"),
-        )
+        self._forward = partial(_forward, model)
+        self._gauss_newton = partial(_gauss_newton, model)
+        self._hessian = partial(_hessian, model)
+        self._gradient = partial(_gradient, model)
+        self._squared_gradients = partial(_squared_gradients, model, self.loss)
 
     def forward(self, inputs: Any) -> Array:
         """Return the model output ``f(x)``."""
