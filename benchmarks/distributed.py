@@ -1,6 +1,6 @@
 """Data-parallel scaling of curvature products: 2 gloo processes against 1, on this machine.
 
-The MLP 784-256-256-10 (tanh, mean cross-entropy) of ``benchmarks/products.py`` on a fixed
+The MLP 784-256-256-10 (tanh, mean cross-entropy) of ``benchmarks/workloads.py`` on a fixed
 data set of 1024 examples in batches of 128; one process holds all of it, or each of two
 processes holds half (``distributed=True``, one ``all_reduce`` per product). Each process
 uses one torch thread, so two processes use the machine's two cores. Reports the median

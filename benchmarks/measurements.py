@@ -34,6 +34,7 @@ OPERATORS = {
 }
 MATRIX_ROW = f"@ V ({NUM_COLUMNS} col.)"
 KFAC_INVERSE_ROW = "KFAC inverse @ v (cached)"
+KFAC_HEURISTIC_INVERSE_ROW = "KFAC inverse @ v (heuristic damping, cached)"
 EKFAC_ROW = "EKFAC build type-2"
 _FACTORS = ("output_factor", "input_factor", "q_out", "q_in", "eigenvalues")  # block arrays
 # The table's rows, in order; a model's JSON holds those it measured.
@@ -43,6 +44,7 @@ ROWS = (
     *(f"KFAC build {fisher_type}" for fisher_type in FISHER_TYPES),
     EKFAC_ROW,
     KFAC_INVERSE_ROW,
+    KFAC_HEURISTIC_INVERSE_ROW,
 )
 
 
@@ -93,6 +95,9 @@ def kfac_measurements(
     inverse = cola.linalg.inv(kfac + DAMPING * cola.ops.I_like(kfac))
     block(inverse @ v)  # the factors' eigendecompositions happen here, outside the timing
     rows.append(Measurement(KFAC_INVERSE_ROW, "ours", lambda: block(inverse @ v)))
+    heuristic = cola.linalg.inv(kfac.damped(DAMPING, mode="heuristic"))
+    block(heuristic @ v)
+    rows.append(Measurement(KFAC_HEURISTIC_INVERSE_ROW, "ours", lambda: block(heuristic @ v)))
     return rows
 
 
@@ -161,6 +166,11 @@ def torch_measurements(name: str) -> list[Measurement]:
     inverse = curvlinops.KFACInverseLinearOperator(kfac, damping=DAMPING, use_exact_damping=True)
     inverse @ kfac_v  # builds and caches the factors and their eigendecompositions
     rows.append(Measurement(KFAC_INVERSE_ROW, "curvlinops", lambda: inverse @ kfac_v))
+    heuristic = curvlinops.KFACInverseLinearOperator(
+        kfac, damping=DAMPING, use_heuristic_damping=True
+    )
+    heuristic @ kfac_v
+    rows.append(Measurement(KFAC_HEURISTIC_INVERSE_ROW, "curvlinops", lambda: heuristic @ kfac_v))
     for row in rows:
         row.memory = lambda thunk=row.thunk: torch_peak_memory_mib(thunk)
     return rows
