@@ -226,17 +226,32 @@ class KroneckerFactored(BlockDiag):
     """
 
     def __init__(
-        self, blocks: Sequence[LinearOperator], permutation: Array, annotations: set | None = None
+        self,
+        blocks: Sequence[LinearOperator],
+        permutation: Array,
+        annotations: set | None = None,
+        inverse_permutation: Array | None = None,
     ) -> None:
         super().__init__(*blocks)
         self.blocks = tuple(blocks)
         self.permutation = permutation
-        self.inverse_permutation = self.xnp.argsort(permutation)
+        self.inverse_permutation = (
+            _inverse_permutation(permutation, self.xnp)
+            if inverse_permutation is None
+            else inverse_permutation
+        )
         self.annotations = self.annotations | (annotations if annotations is not None else {PSD})
 
-    def with_blocks(self, blocks: Sequence[LinearOperator]) -> KroneckerFactored:
+    def with_blocks(
+        self, blocks: Sequence[LinearOperator], annotations: set | None = None
+    ) -> KroneckerFactored:
         """Return the same permuted block structure with new blocks of the same sizes."""
-        return KroneckerFactored(blocks, self.permutation, set(self.annotations))
+        return KroneckerFactored(
+            blocks,
+            self.permutation,
+            set(self.annotations) if annotations is None else annotations,
+            self.inverse_permutation,
+        )
 
     def map_spectrum(self, fn: Callable[[Array], Array]) -> KroneckerFactored:
         """Return ``P · BlockDiag(fn(B_l)) · Pᵀ`` for a spectral function ``fn`` of each block."""
@@ -290,8 +305,7 @@ class KroneckerFactored(BlockDiag):
     def scaled(self, factor: Array) -> KroneckerFactored:
         """Return ``c K`` with every block scaled (``c`` may be a differentiable scalar)."""
         annotations = set(self.annotations) if known_nonnegative(factor) else set()
-        blocks = [block.scaled(factor) for block in self.blocks]
-        return KroneckerFactored(blocks, self.permutation, annotations)
+        return self.with_blocks([block.scaled(factor) for block in self.blocks], annotations)
 
     def eigenvalues(self) -> Array:
         """Return all eigenvalues, block by block (in block order)."""
@@ -336,6 +350,12 @@ class KroneckerFactored(BlockDiag):
     def from_block_order(self, vector: Array) -> Array:
         """Reorder a vector given in block order into the user's parameter order."""
         return vector[self.inverse_permutation]
+
+
+def _inverse_permutation(permutation: Array, xnp: Any) -> Array:
+    """Return ``q`` with ``q[p[j]] = j``: one ``O(D)`` scatter (``argsort`` would sort)."""
+    positions = xnp.arange(permutation.shape[0], device=xnp.get_device(permutation))
+    return xnp.update_array(0 * permutation, xnp.cast(positions, permutation.dtype), permutation)
 
 
 def _reciprocal(values: Array) -> Array:
