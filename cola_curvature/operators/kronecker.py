@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -143,9 +144,16 @@ class KroneckerBlock(Kronecker):
 
 
 def symmetric_eigh(matrix: Array) -> tuple[Array, Array]:
-    """Return ``(λ, Q)`` of a symmetric matrix, computed in float64 and cast back."""
+    """Return ``(λ, Q)`` of a symmetric matrix, computed in float64 and cast back.
+
+    JAX without ``jax_enable_x64`` has no float64: there the decomposition runs in float32
+    (JAX truncates the cast; its warning about that is silenced here).
+    """
     xnp = Dense(matrix).xnp
-    values, vectors = xnp.eigh(xnp.cast(matrix, xnp.float64))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
+        wide = xnp.cast(matrix, xnp.float64)
+    values, vectors = xnp.eigh(wide)
     return xnp.cast(values, matrix.dtype), xnp.cast(vectors, matrix.dtype)
 
 
