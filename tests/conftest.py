@@ -26,3 +26,17 @@ def problem(case):
 def options(case):
     """Keyword arguments the operators need for the case (e.g. ``batch_size_fn``)."""
     return case.options
+
+
+@pytest.fixture(scope="module")
+def jax_float64():
+    """Run a module's tests with ``jax_enable_x64`` and restore the setting after.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("jax_float64")``.
+    """
+    import jax
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)

@@ -23,18 +23,13 @@ import cola_curvature as cc
 from tests._tols import EXACT_RTOL
 from tests.cases import Case
 from tests.jax_cases import JAX_LOSSES
+from tests.jax_reference import relative_error
 
 F64 = jnp.float64
 OPERATORS = [cc.Hessian, cc.GGN, cc.EmpiricalFisher]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    """Run this module's tests with ``jax_enable_x64`` and restore the setting after."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("jax_float64")
 
 
 def dense_layer(p, x):
@@ -135,10 +130,6 @@ CASES = [
 LINEN_CASES = [
     Case(*names.split("-"), "one") for names in ["mlp-ce-mean", "cnn-bce-sum", "sequence-mse-mean"]
 ]
-
-
-def relative_error(actual, expected):
-    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
 
 
 def jax_twin(case, definition):

@@ -1,7 +1,6 @@
 """The randomized estimators and Lanczos on plain CoLA matrices of known spectrum, torch and JAX."""
 
 import cola
-import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
@@ -19,13 +18,7 @@ DIMENSION = 30
 SEEDS = range(200)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    """Run this module's JAX cases with ``jax_enable_x64`` and restore the setting after."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("jax_float64")
 
 
 @pytest.fixture(params=["torch", "jax"])

@@ -25,6 +25,7 @@ from cola_curvature.backends.jax import adapters, from_equinox, from_flax_linen,
 from tests import jax_reference
 from tests._tols import EXACT_RTOL
 from tests.jax_cases import JAX_LOSSES
+from tests.jax_reference import relative_error
 
 ROOT = Path(__file__).resolve().parent.parent
 F64 = jnp.float64
@@ -37,18 +38,7 @@ OPERATORS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    """Run this module's tests with ``jax_enable_x64`` and restore the setting after."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
-def relative_error(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+pytestmark = pytest.mark.usefixtures("jax_float64")
 
 
 def dense(operator):

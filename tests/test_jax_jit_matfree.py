@@ -15,6 +15,7 @@ from cola_curvature.matfree._random import rademacher
 from cola_curvature.matfree.krylov import lanczos_eigenpairs
 from cola_curvature.matfree.solvers import IterativeInverse, solve
 from tests import jax_reference
+from tests.jax_reference import relative_error
 
 DIMENSION = 12
 #: jit and eager run the same arithmetic, up to XLA's fusion and reassociation.
@@ -28,17 +29,7 @@ SOLVERS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    """Run this module with ``jax_enable_x64`` and restore the setting after."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
-def relative_error(actual, expected):
-    return float(jnp.linalg.norm(actual - expected) / jnp.linalg.norm(expected))
+pytestmark = pytest.mark.usefixtures("jax_float64")
 
 
 def matrix_with_spectrum(eigenvalues, seed=0):

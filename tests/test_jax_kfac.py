@@ -16,22 +16,12 @@ from torch import nn
 import cola_curvature as cc
 from tests import jax_reference
 from tests._tols import EXACT_RTOL
+from tests.jax_reference import relative_error
 
 DAMPING = 1e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    """Run this module's tests with ``jax_enable_x64`` and restore the setting after."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
-def relative_error(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+pytestmark = pytest.mark.usefixtures("jax_float64")
 
 
 def dense(operator):

@@ -18,6 +18,7 @@ from tests import reference as torch_reference
 from tests._tols import EXACT_RTOL, MC_RTOL
 from tests.cases import Case
 from tests.jax_cases import build_jax_problem, mlp_fn, torch_to_jax_order
+from tests.jax_reference import relative_error
 
 OPERATORS = {
     "hessian": (cc.Hessian, jax_reference.dense_hessian, torch_reference.dense_hessian),
@@ -51,18 +52,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    """Run this module's tests with ``jax_enable_x64`` and restore the setting after."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
-def relative_error(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+pytestmark = pytest.mark.usefixtures("jax_float64")
 
 
 def dense(operator):
