@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cola_curvature._checks import check_array_library
 from cola_curvature.backends.torch import distributed, kfac, per_example, products
@@ -88,7 +89,10 @@ class TorchBackend:
 
         def model_fn(params: Sequence[torch.Tensor], inputs: Any) -> torch.Tensor:
             state.update(zip(self._names, params, strict=True))
-            return functional_call(self._model, state, (inputs,))
+            # torch's fused attention kernels have neither forward-mode AD nor double
+            # backward on CPU; the math kernel computes the same function with both.
+            with sdpa_kernel(SDPBackend.MATH):
+                return functional_call(self._model, state, (inputs,))
 
         return model_fn
 
