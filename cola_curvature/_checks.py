@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -49,18 +50,45 @@ def _unpack(batch: Any, index: int) -> tuple[Any, Any]:
     return batch[0], batch[1]
 
 
+def _checked_batch_size(size: Any, targets: Any, index: int) -> int:
+    """Return the example count of batch ``index`` after checking it against its targets.
+
+    The count must be a non-negative integer (not a float or a bool) and equal the length
+    of the targets' leading axis, which holds one entry per example for every loss.
+    """
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        raise TypeError(
+            f"the batch size of batch {index} is {size!r} ({type(size).__name__}); "
+            "batch_size_fn must return an int, the number of examples in the batch."
+        )
+    size = int(size)
+    rows = targets.shape[0] if len(targets.shape) > 0 else None
+    if size < 0 or (rows is not None and size != rows):
+        raise ValueError(
+            f"the batch size of batch {index} is {size}, but its targets hold {rows} examples "
+            "along axis 0; batch_size_fn must return the number of examples in the batch."
+        )
+    return size
+
+
 def count_examples(
     data: Iterable[Any], batch_size_fn: Callable[[Any], int], backend: CurvatureBackend
 ) -> int:
     """Return the number of examples in ``data`` after checking every batch once.
 
-    Each batch must be a pair ``(X, y)`` without NaN or infinite values.
+    Each batch must be a pair ``(X, y)`` with array targets, without NaN or infinite
+    values, whose example count (``batch_size_fn(X)``) matches the targets' length.
     """
     counted = 0
     for index, batch in enumerate(data):
         inputs, targets = _unpack(batch, index)
+        if not (hasattr(targets, "shape") and hasattr(targets, "dtype")):
+            raise TypeError(
+                f"the targets of batch {index} are a {type(targets).__name__}; expected an "
+                "array of the model's library (e.g. torch.as_tensor(y) or jnp.asarray(y))."
+            )
         backend.check_batch((inputs, targets))
-        counted += batch_size_fn(inputs)
+        counted += _checked_batch_size(batch_size_fn(inputs), targets, index)
     return counted
 
 

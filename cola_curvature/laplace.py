@@ -93,6 +93,11 @@ class Laplace:
             ``"symmetry"``.
         distributed: ``data`` is this rank's shard over a ``torch.distributed`` group; the
             curvature, the likelihood and the output count are summed over the ranks.
+        uncovered: For ``"kfac"`` and ``"ekfac"``: what to do with parameters no
+            supported layer owns, passed to :class:`~cola_curvature.KFAC` (``"error"``, the
+            default, raises and names them; see its ``uncovered`` for the blocks it can
+            build instead, e.g. for a transformer's embeddings and norms). Ignored by the
+            other curvatures, which cover every parameter.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class Laplace:
         rank: int = 10,
         symmetry_groups: Any = "orthogonal-rows",
         distributed: bool = False,
+        uncovered: str = "error",
     ) -> None:
         backend = curvature_backend(model, loss_func, params)
         loss = type(backend.loss)(Reduction.SUM)
@@ -139,6 +145,7 @@ class Laplace:
         self._rank = rank
         self._symmetry_groups = symmetry_groups
         self.distributed = distributed
+        self._uncovered = uncovered
         self.curvature = self._build_curvature(model, params, data, curvature)
         xnp = self.curvature.xnp
         self.prior_precision = xnp.array(
@@ -195,9 +202,19 @@ class Laplace:
             one = xnp.ones((1, 1), dtype=dense.dtype, device=xnp.get_device(dense))
             identity = xnp.arange(dense.shape[0], device=xnp.get_device(dense))
             return KroneckerFactored([KroneckerBlock(nll_scale * dense, one)], identity)
-        operator_type = {"kfac": KFAC, "ekfac": EKFAC, "diag": DiagonalCurvature}[curvature]
+        if curvature == "diag":
+            return DiagonalCurvature(
+                model, self._loss, params, data, fisher_type="type-2", distributed=self.distributed
+            ).scaled(nll_scale)
+        operator_type = {"kfac": KFAC, "ekfac": EKFAC}[curvature]
         return operator_type(
-            model, self._loss, params, data, fisher_type="type-2", distributed=self.distributed
+            model,
+            self._loss,
+            params,
+            data,
+            fisher_type="type-2",
+            uncovered=self._uncovered,
+            distributed=self.distributed,
         ).scaled(nll_scale)
 
     def _low_rank_curvature(self, model: Any, params: Any, data: Any) -> DiagonalPlusLowRank:
@@ -460,7 +477,10 @@ class Laplace:
         """Return the linearised (GLM) predictive mean ``f(x)`` and covariance ``J P⁻¹ Jᵀ``.
 
         Shapes: mean ``(N, C)``, covariance ``(N, C, C)`` of the function values (add
-        ``σ²`` for the observation noise of regression). ``P⁻¹`` is applied to the ``N C``
+        ``σ²`` for the observation noise of regression). Outputs with more axes, e.g. a
+        language model's logits ``(N, V, T)``, give the mean in that shape and the joint
+        covariance ``(N, C, C)`` of each input's ``C = V T`` outputs flattened row-major
+        (``reshape(N, -1)``). ``P⁻¹`` is applied to the ``N C``
         Jacobian rows through the structured inverse, never densely; only the per-input
         ``C × C`` blocks are formed (``O(N C D)`` memory). With ``"ggn"`` every row is a
         column of one batched CG solve: slow for many inputs.
@@ -488,7 +508,10 @@ class Laplace:
         ``"probit"``: ``softmax(f / √(1 + π/8 · diag Σ_f))`` (MacKay, 1992), one pass.
         ``"mc"``: the average of ``softmax(f + L z)`` over ``num_samples`` draws
         ``z ~ N(0, I)``, ``L Lᵀ = Σ_f`` (a jitter of ``1e-10 · max diag`` keeps ``L`` real).
-        For ``BCEWithLogits`` the sigmoid replaces the softmax.
+        For ``BCEWithLogits`` the sigmoid replaces the softmax. The result has the shape of
+        the outputs; for outputs ``(N, C, d_1, …)`` (e.g. a language model's ``(N, V, T)``)
+        the softmax runs over the class axis 1 at each position, and ``"mc"`` samples all of
+        an input's outputs jointly.
         """
         if self.regression:
             raise ValueError("predictive_probabilities is for classification losses.")
@@ -496,14 +519,15 @@ class Laplace:
             raise ValueError(f"method must be 'probit' or 'mc', got {method!r}.")
         mean, covariance = self.predictive(inputs)
         xnp = self.curvature.xnp
-        link = (
-            (lambda f: 1 / (1 + xnp.exp(-f)))
-            if isinstance(self._loss, BCEWithLogits)
-            else (lambda f: xnp.softmax(f, axis=-1))
-        )
+
+        def link(f: Array, class_axis: int) -> Array:
+            if isinstance(self._loss, BCEWithLogits):
+                return 1 / (1 + xnp.exp(-f))
+            return xnp.softmax(f, axis=class_axis)
+
         if method == "probit":
             variances = xnp.stack([covariance[n].diagonal() for n in range(mean.shape[0])])
-            return link(mean / xnp.sqrt(1 + math.pi / 8 * variances))
+            return link(mean / xnp.sqrt(1 + math.pi / 8 * variances.reshape(mean.shape)), 1)
         size = covariance.shape[-1]
         jitter = (
             1e-10
@@ -512,8 +536,8 @@ class Laplace:
         )
         factor = xnp.cholesky(covariance + jitter)
         noise = self._backend.random(seed).normal((num_samples, mean.shape[0], size, 1), mean)
-        samples = mean[None] + (factor[None] @ noise)[..., 0]
-        return link(samples).mean(0)
+        samples = mean[None] + (factor[None] @ noise)[..., 0].reshape((num_samples, *mean.shape))
+        return link(samples, 2).mean(0)
 
     def sample(self, num_samples: int, seed: int = 0) -> Array:
         """Return ``θ* + L z``, ``z ~ N(0, I)``, ``L Lᵀ = P⁻¹``, shape ``(D, num_samples)``.
@@ -521,6 +545,8 @@ class Laplace:
         ``L = P^{-1/2}`` for the Kronecker-factored posteriors; for ``"lowrank"`` the exact
         factor of :meth:`DiagonalPlusLowRank.inverse_factor`.
         """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"num_samples must be a non-negative integer, got {num_samples!r}.")
         if self.matrix_free:
             raise NotImplementedError(
                 "sample needs P^{-1/2}, which the matrix-free 'ggn' posterior does not offer; "

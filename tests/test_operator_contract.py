@@ -134,7 +134,11 @@ class BatchNormNet(nn.Module):
 
 
 def batch_norm_problem(train):
-    """A BatchNormNet in eval mode, or in train mode with one submodule left in eval."""
+    """A BatchNormNet in eval mode, or in train mode with its batch norm left in eval.
+
+    Batch norm in train mode is refused (see ``tests/test_reliability.py``); the train
+    variant checks that mixed train/eval flags survive.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = BatchNormNet().to(F64)
@@ -144,7 +148,7 @@ def batch_norm_problem(train):
         model.norm.running_var.uniform_(0.5, 2)
     model.train(train)
     if train:
-        model.dropout.eval()  # mixed flags must survive too
+        model.norm.eval()  # mixed flags must survive too
     params = [model.linear.weight, model.linear.bias, model.head.weight]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=3)
     return model, nn.CrossEntropyLoss(), params, loader

@@ -8,6 +8,7 @@ import numpy as np
 import scipy.sparse.linalg
 from cola.ops import LinearOperator
 
+from cola_curvature._tracing import is_abstract
 from cola_curvature.backends import CurvatureBackend
 
 
@@ -26,12 +27,16 @@ class ParameterSpaceInterface:
         if isinstance(X, LinearOperator):
             return super().__matmul__(X)
         if self._backend.is_param_format(X):
-            return self._backend.as_param_format(self._matmat(self._backend.as_param_matrix(X)))
+            matrix = self._backend.as_param_matrix(X)
+            self._check_finite(matrix)
+            return self._backend.as_param_format(self._matmat(matrix))
         self._check_matrix(X)
+        if X.ndim == 2 and X.shape[1] == 0:
+            return X[:, :0]
         return super().__matmul__(X)
 
     def _check_matrix(self, v: Any) -> None:
-        """Raise unless ``v`` is a backend array of shape ``(D,)`` or ``(D, k)``."""
+        """Raise unless ``v`` is a finite backend array of shape ``(D,)`` or ``(D, k)``."""
         backend = self._backend
         backend.check_array(v)
         if v.ndim not in (1, 2) or v.shape[0] != backend.num_params:
@@ -39,6 +44,21 @@ class ParameterSpaceInterface:
                 f"params have {backend.num_params} entries but v has shape {tuple(v.shape)}; "
                 f"expected (D,) or (D, k) with D={backend.num_params}, or "
                 f"{backend.param_format}."
+            )
+        self._check_finite(v)
+
+    def _check_finite(self, v: Any) -> None:
+        """Raise ``ValueError`` when concrete input holds NaN or infinite entries.
+
+        A product would spread them over every entry of the result (``0 · ∞`` is NaN);
+        traced input (inside ``jax.jit``) has no values to check and is let through.
+        """
+        if is_abstract(v):
+            return
+        if not bool((self.xnp.abs(v) < float("inf")).all()):
+            raise ValueError(
+                "v contains NaN or infinite entries; a curvature product would turn them into "
+                "NaN everywhere. Clean the vector (e.g. replace non-finite entries) first."
             )
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:

@@ -50,6 +50,25 @@ def _parameter_names(model: nn.Module, params: Sequence[Any]) -> list[str]:
     return names
 
 
+def _check_no_batch_statistics(model: nn.Module) -> None:
+    """Raise ``ValueError`` for batch-norm layers in train mode.
+
+    They normalise with the statistics of the current batch, so the curvature would depend
+    on how the data is split into batches (and examples would not be independent).
+    """
+    training = [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+    ]
+    if training:
+        raise ValueError(
+            f"batch-norm layers {', '.join(repr(n) for n in training)} are in train mode: they "
+            "normalise with each batch's statistics, so the curvature would change with the "
+            "batching. Call model.eval() first (they then use their running statistics)."
+        )
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     """Return the tensors inside a nested batch structure."""
     leaves, _ = torch.utils._pytree.tree_flatten(obj)
@@ -67,6 +86,7 @@ class TorchBackend:
     def __init__(self, model: nn.Module, loss_func: Any, params: Sequence[torch.Tensor]) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        _check_no_batch_statistics(model)
         self.loss: Loss = as_loss(loss_func)
         self._model = model
         self._names = _parameter_names(model, params)
@@ -76,6 +96,8 @@ class TorchBackend:
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.num_params = sum(self._sizes)
+        #: What earlier products learnt about the model's autodiff (forward mode missing).
+        self._routes = products.ProductRoutes()
 
     def _functional_state(self) -> dict[str, torch.Tensor]:
         """Return detached parameters and cloned buffers for one functional call."""
@@ -92,7 +114,15 @@ class TorchBackend:
             # torch's fused attention kernels have neither forward-mode AD nor double
             # backward on CPU; the math kernel computes the same function with both.
             with sdpa_kernel(SDPBackend.MATH):
-                return functional_call(self._model, state, (inputs,))
+                outputs = functional_call(self._model, state, (inputs,))
+            if not isinstance(outputs, torch.Tensor):
+                raise TypeError(
+                    f"the model returned a {type(outputs).__name__}; curvature operators need "
+                    "a model whose forward returns one tensor of outputs. Wrap it in an "
+                    "nn.Module whose forward returns the logits, e.g. model(x)[0] or "
+                    "model(x)['logits']."
+                )
+            return outputs
 
         return model_fn
 
@@ -189,6 +219,7 @@ class TorchBackend:
             inputs,
             targets,
             lambda f, y, jv: output_matmat(f, y, jv, rng),
+            self._routes,
         )
 
     def gradient(self, batch: tuple[Any, Any], risk: Callable) -> list[torch.Tensor]:
@@ -202,7 +233,7 @@ class TorchBackend:
         """Return ``∇²_θ risk · V`` on one batch (see :func:`products.hessian_matmat`)."""
         inputs, targets = batch
         return products.hessian_matmat(
-            self._model_fn(), self._params, columns, inputs, targets, risk
+            self._model_fn(), self._params, columns, inputs, targets, risk, self._routes
         )
 
     def kronecker_layers(self, data: Any) -> list[kfac.KroneckerLayer]:
@@ -341,6 +372,12 @@ class TorchBackend:
             "tensors: convert each with torch.as_tensor(np.asarray(x))",
         )
         for t in _tensors(batch):
+            if t.is_meta:
+                raise ValueError(
+                    "data holds tensors on the meta device, which have shapes but no values; "
+                    "materialise them on a real device (e.g. x.to_empty(device='cpu') and fill "
+                    "them) before building a curvature operator."
+                )
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(
                     "data contains NaN or infinite values; clean or impute them before "

@@ -25,6 +25,16 @@ from torch.func import vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from cola_curvature.backends.torch.autodiff_routes import (
+    ProductRoutes,
+    check_twice_differentiable,
+    custom_functions,
+    lacks_forward_ad,
+    logger,
+    no_route_error,
+    reverse_pushforwards,
+)
+
 #: ``(params, inputs) -> outputs`` with params in the operator's order.
 ModelFn = Callable[[Sequence[torch.Tensor], object], torch.Tensor]
 
@@ -76,6 +86,9 @@ def _written_arguments(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -
             written.append(args[i] if i < len(args) else kwargs.get(argument.name))
     return written
 
+
+#: How errors name the Hessian's product.
+_HV = "H V (in Hessian products)"
 
 #: ``k`` columns are batched (one ``vmap`` replay, one batched backward pass) while the
 #: largest tangent times ``k - 1`` stays below this many bytes: batching turns many small
@@ -322,6 +335,34 @@ def _pushforwards(
     return outputs, leaves, [first.detach(), *rest], batched
 
 
+def _pushforwards_any_route(
+    model_fn: ModelFn,
+    params: Sequence[torch.Tensor],
+    columns: Sequence[torch.Tensor],
+    inputs: object,
+    routes: ProductRoutes,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], bool]:
+    """Return :func:`_pushforwards`, or the reverse-mode route where forward AD is missing.
+
+    The first product on a model tries forward mode; if torch reports a missing forward
+    derivative, ``routes`` remembers why and this and every later product take ``J V``
+    from :func:`~cola_curvature.backends.torch.autodiff_routes.reverse_pushforwards`.
+    """
+    if routes.forward_ad_error is None:
+        try:
+            pushed = _pushforwards(model_fn, params, columns, inputs)
+        except (NotImplementedError, RuntimeError) as error:
+            if not lacks_forward_ad(error):
+                raise
+            routes.forward_ad_error = f"{type(error).__name__}: {error}"
+        else:
+            logger.debug("J V by forward mode (dual tensors), %d column(s)", columns[0].shape[0])
+            return pushed
+    why = f"forward-mode AD is unavailable ({routes.forward_ad_error})"
+    logger.debug("J V by reverse mode (double vjp), since %s", why)
+    return (*reverse_pushforwards(model_fn, params, columns, inputs, why), False)
+
+
 def gauss_newton_matmat(
     model_fn: ModelFn,
     params: Sequence[torch.Tensor],
@@ -329,6 +370,7 @@ def gauss_newton_matmat(
     inputs: object,
     targets: torch.Tensor,
     output_matmat: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    routes: ProductRoutes | None = None,
 ) -> list[torch.Tensor]:
     """Return ``Jᵀ M J V`` for ``k`` columns ``V`` (entries of shape ``(k, *p.shape)``).
 
@@ -337,10 +379,14 @@ def gauss_newton_matmat(
     :func:`_pushforwards`). ``M`` is applied once to all ``k`` columns of ``J V`` (so a
     sampled ``M`` is the same matrix for every column), then ``k`` backward passes through
     the one graph give ``Jᵀ (M J V)``. Cost: one dual forward pass, ``k - 1`` tangent-only
-    forward passes and ``k`` backward passes.
+    forward passes and ``k`` backward passes. Models without forward-mode AD get ``J V``
+    from reverse mode instead (see :func:`_pushforwards_any_route`; ``routes`` carries what
+    earlier products on the same model learnt).
     """
     num_columns = columns[0].shape[0]
-    outputs, leaves, tangents, batched = _pushforwards(model_fn, params, columns, inputs)
+    outputs, leaves, tangents, batched = _pushforwards_any_route(
+        model_fn, params, columns, inputs, ProductRoutes() if routes is None else routes
+    )
     output_columns = output_matmat(outputs.detach(), targets, torch.stack(tangents))
     del tangents
     if not outputs.requires_grad:
@@ -372,26 +418,6 @@ def gauss_newton_matmat(
         torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in results])
         for j, p in enumerate(params)
     ]
-
-
-def _has_custom_function(root: Any) -> bool:
-    """Return whether the autograd graph below ``root`` has a custom ``autograd.Function`` node.
-
-    Double backward through such a node can be silently wrong: a backward marked
-    ``@once_differentiable`` (or computed outside autograd) contributes nothing to the
-    second derivative instead of raising.
-    """
-    seen = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
-            return True
-        stack.extend(child for child, _ in node.next_functions)
-    return False
 
 
 def _hessian_matmat_forward_over_reverse(
@@ -445,6 +471,33 @@ def gradient(
     return list(torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True))
 
 
+def _double_backward(
+    grads: Sequence[torch.Tensor | None],
+    leaves: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    columns: Sequence[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Return ``∇_θ ⟨g(θ), v⟩`` for every column ``v``, one backward pass through ``g`` each."""
+    num_columns = columns[0].shape[0]
+    used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not used:
+        return _zeros_like_columns(columns)
+    results = [
+        torch.autograd.grad(
+            [grads[j] for j in used],
+            leaves,
+            [columns[j][i] for j in used],
+            retain_graph=i < num_columns - 1,
+            allow_unused=True,
+        )
+        for i in range(num_columns)
+    ]
+    return [
+        torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in results])
+        for j, p in enumerate(params)
+    ]
+
+
 def hessian_matmat(
     model_fn: ModelFn,
     params: Sequence[torch.Tensor],
@@ -452,49 +505,63 @@ def hessian_matmat(
     inputs: object,
     targets: torch.Tensor,
     risk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    routes: ProductRoutes | None = None,
 ) -> list[torch.Tensor]:
     """Return ``∇²_θ risk(f_θ(x), y) · V``, reverse over reverse.
 
     One forward pass and one backward pass that records its own graph give the gradient
     ``g(θ)`` as a differentiable function; each column is then one backward pass through
     that graph, ``H v = ∇_θ ⟨g(θ), v⟩``. Cost on CPU: about 2.4 (small CNN) to 3 (MLP)
-    gradients for one column, 1.5–2 per column for several. Graphs with a custom
-    ``autograd.Function`` or an operation without double backward go forward over reverse
-    instead (about 2.4–4.5 gradients per column).
+    gradients for one column, 1.5–2 per column for several.
+
+    Other routes, each logged at ``DEBUG``: a graph with a custom ``autograd.Function`` goes
+    forward over reverse (about 2.4–4.5 gradients per column), since double backward through
+    a ``@once_differentiable`` backward silently drops terms; if that ``Function`` has no
+    ``jvp``, reverse over reverse after all, unless its backward is
+    ``@once_differentiable`` (then ``NotImplementedError``). An operation without double
+    backward also goes forward over reverse. ``routes`` remembers a failed forward mode.
     """
-    num_columns = columns[0].shape[0]
+    routes = ProductRoutes() if routes is None else routes
     leaves = _leaves(params)
     value = risk(model_fn(leaves, inputs), targets)
     if not value.requires_grad:
         return _zeros_like_columns(columns)
-    if _has_custom_function(value.grad_fn):
+    custom = custom_functions(value.grad_fn)
+    if custom and routes.forward_ad_error is None:
         del value
-        return _hessian_matmat_forward_over_reverse(
-            model_fn, params, columns, inputs, targets, risk
-        )
-    grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
-    used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
-    if not used:
-        return _zeros_like_columns(columns)
-    try:
-        results = [
-            torch.autograd.grad(
-                [grads[j] for j in used],
-                leaves,
-                [columns[j][i] for j in used],
-                retain_graph=i < num_columns - 1,
-                allow_unused=True,
+        try:
+            product = _hessian_matmat_forward_over_reverse(
+                model_fn, params, columns, inputs, targets, risk
             )
-            for i in range(num_columns)
-        ]
+        except (NotImplementedError, RuntimeError) as error:
+            if not lacks_forward_ad(error):
+                raise
+            routes.forward_ad_error = f"{type(error).__name__}: {error}"
+        else:
+            logger.debug("H V forward over reverse: the graph has custom autograd.Functions")
+            return product
+        value = risk(model_fn(leaves, inputs), targets)
+    if custom:
+        why = f"forward-mode AD is unavailable ({routes.forward_ad_error})"
+        check_twice_differentiable(custom, _HV, why)
+    grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+    try:
+        product = _double_backward(grads, leaves, params, columns)
     except torch.OutOfMemoryError:
         raise
-    except (RuntimeError, NotImplementedError):  # an operation without double backward
+    except (RuntimeError, NotImplementedError) as error:  # an operation without double backward
         del grads
-        return _hessian_matmat_forward_over_reverse(
-            model_fn, params, columns, inputs, targets, risk
-        )
-    return [
-        torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in results])
-        for j, p in enumerate(params)
-    ]
+        if routes.forward_ad_error is not None:
+            raise no_route_error(_HV, routes.forward_ad_error, error) from error
+        logger.debug("H V forward over reverse: double backward failed (%s)", error)
+        try:
+            return _hessian_matmat_forward_over_reverse(
+                model_fn, params, columns, inputs, targets, risk
+            )
+        except (NotImplementedError, RuntimeError) as forward_error:
+            if not lacks_forward_ad(forward_error):
+                raise
+            routes.forward_ad_error = f"{type(forward_error).__name__}: {forward_error}"
+            raise no_route_error(_HV, routes.forward_ad_error, error) from forward_error
+    logger.debug("H V reverse over reverse (double backward)")
+    return product
