@@ -101,3 +101,14 @@ def test_laplace_sample_count_is_checked(problem, num_samples):
     laplace = cc.Laplace(*problem, curvature="diag")
     with pytest.raises(ValueError, match="non-negative integer"):
         laplace.sample(num_samples)
+
+
+@pytest.mark.parametrize("damping", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_damping_is_refused(ggn, problem, damping):
+    import cola
+
+    with pytest.raises(ValueError, match="finite"):
+        ggn + damping * cola.ops.I_like(ggn)
+    kfac = cc.KFAC(*problem)
+    with pytest.raises(ValueError, match="damping"):
+        kfac + damping * cola.ops.I_like(kfac)

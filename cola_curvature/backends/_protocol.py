@@ -140,6 +140,9 @@ class CurvatureBackend(Protocol):
     def check_batch(self, batch: Batch) -> None:
         """Raise when a batch contains NaN or infinite values."""
 
+    def all_finite(self, x: Array) -> bool:
+        """Return whether a concrete array holds no NaN or infinite entry."""
+
     def batches_equal(self, first: Batch, second: Batch) -> bool:
         """Return whether two batches hold the same values."""
 

@@ -55,7 +55,7 @@ class ParameterSpaceInterface:
         """
         if is_abstract(v):
             return
-        if not bool((self.xnp.abs(v) < float("inf")).all()):
+        if not self._backend.all_finite(v):
             raise ValueError(
                 "v contains NaN or infinite entries; a curvature product would turn them into "
                 "NaN everywhere. Clean the vector (e.g. replace non-finite entries) first."

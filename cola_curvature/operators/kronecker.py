@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from cola.annotations import PSD
 from cola.ops import BlockDiag, Dense, Kronecker, LinearOperator
 
-from cola_curvature._tracing import known_nonnegative
+from cola_curvature._tracing import is_traced, known_nonnegative
 from cola_curvature.options import DampingMode, parse_option
 
 Array = Any
@@ -287,8 +288,8 @@ class KroneckerFactored(BlockDiag):
         (Martens & Grosse, 2015); only for blocks that still hold their two factors.
         """
         mode = parse_option(DampingMode, mode, "damping mode")
-        if known_nonnegative(damping) is False:
-            raise ValueError(f"damping must be non-negative, got {damping}.")
+        if known_nonnegative(damping) is False or not _finite_or_traced(damping):
+            raise ValueError(f"damping must be a finite non-negative number, got {damping}.")
         if mode is DampingMode.EXACT:
             return self.map_spectrum(lambda s: s + damping)
         if not all(isinstance(block, KroneckerBlock) for block in self.blocks):
@@ -364,6 +365,11 @@ def _inverse_permutation(permutation: Array, xnp: Any) -> Array:
     """Return ``q`` with ``q[p[j]] = j``: one ``O(D)`` scatter (``argsort`` would sort)."""
     positions = xnp.arange(permutation.shape[0], device=xnp.get_device(permutation))
     return xnp.update_array(0 * permutation, xnp.cast(positions, permutation.dtype), permutation)
+
+
+def _finite_or_traced(value: Array) -> bool:
+    """Return whether a scalar is finite, or traced (no value to check yet)."""
+    return is_traced(value) or math.isfinite(float(value))
 
 
 def _reciprocal(values: Array) -> Array:

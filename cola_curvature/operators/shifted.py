@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from cola.annotations import PSD, SelfAdjoint
 from cola.ops import LinearOperator
 
-from cola_curvature._tracing import known_nonnegative
+from cola_curvature._tracing import is_traced, known_nonnegative
 from cola_curvature.matfree.solvers import IterativeInverse
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators._interface import ParameterSpaceInterface
@@ -33,6 +34,9 @@ class ShiftedCurvature(ParameterSpaceInterface, LinearOperator):
     """
 
     def __init__(self, base: CurvatureOperator, shift: Array, scale: Array = 1.0) -> None:
+        for name, value in (("damping", shift), ("scale", scale)):
+            if not is_traced(value) and not math.isfinite(float(value)):
+                raise ValueError(f"the {name} of {base} must be a finite number, got {value}.")
         self.base = base
         self.shift = shift
         self.scale = scale

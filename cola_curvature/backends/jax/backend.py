@@ -380,9 +380,7 @@ class JaxBackend:
         for x in _arrays(batch):
             if is_traced(x) or not jnp.issubdtype(x.dtype, jnp.inexact):
                 continue
-            with jax.ensure_compile_time_eval():
-                finite = bool(jnp.isfinite(x).all())
-            if not finite:
+            if not self.all_finite(x):
                 raise ValueError(
                     "data contains NaN or infinite values; clean or impute them before "
                     "building a curvature operator."
@@ -401,6 +399,14 @@ class JaxBackend:
             raise TypeError(
                 f"model_fn(params, X) must return one floating-point array, got {outputs}."
             )
+
+    def all_finite(self, x: Any) -> bool:
+        """Return whether a concrete array holds no NaN or infinite entry.
+
+        Evaluated eagerly, so a concrete array closed over inside ``jax.jit`` is checked too.
+        """
+        with jax.ensure_compile_time_eval():
+            return bool(jnp.isfinite(x).all())
 
     def batches_equal(self, first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
         """Return whether two batches hold identical arrays."""

@@ -378,11 +378,15 @@ class TorchBackend:
                     "materialise them on a real device (e.g. x.to_empty(device='cpu') and fill "
                     "them) before building a curvature operator."
                 )
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if t.is_floating_point() and not self.all_finite(t):
                 raise ValueError(
                     "data contains NaN or infinite values; clean or impute them before "
                     "building a curvature operator."
                 )
+
+    def all_finite(self, x: torch.Tensor) -> bool:
+        """Return whether ``x`` holds no NaN or infinite entry."""
+        return bool(torch.isfinite(x).all())
 
     def batches_equal(self, first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
         """Return whether two batches hold identical tensors."""

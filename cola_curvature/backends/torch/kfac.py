@@ -53,14 +53,26 @@ class KroneckerLayer:
 def kronecker_layers(model: nn.Module, params: Sequence[torch.Tensor]) -> list[KroneckerLayer]:
     """Return the supported layers that own entries of ``params``, in module order.
 
+    A layer whose weight is shared with another module (tied weights, e.g. an lm-head and
+    the token embedding) is not a Kronecker layer: its Kronecker factors would describe
+    one use of the tensor only. Its parameters are left uncovered (``uncovered="dense"``
+    gives their exact block).
+
     Raises:
         ValueError: for a ``Conv2d`` with ``groups > 1`` or padding modes other than zeros.
     """
     index = {id(p): i for i, p in enumerate(params)}
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
     layers = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
+        if owners[id(module.weight)] > 1:
+            continue  # tied to another module (e.g. an lm-head sharing the embedding)
         weight_index = index.get(id(module.weight))
         bias_index = index.get(id(module.bias)) if module.bias is not None else None
         if weight_index is None and bias_index is None:
