@@ -22,7 +22,7 @@ def _is_integer_at_least(value: object, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _check_positive(name: str, value: int) -> None:
+def check_positive(name: str, value: int) -> None:
     """Raise ``ValueError`` unless ``value`` is a positive integer."""
     if not _is_integer_at_least(value, 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -40,7 +40,7 @@ def _check_solver(tol: float, max_iters: int, on_failure: str) -> None:
     """Raise ``ValueError`` on a solver configuration that cannot run."""
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}.")
-    _check_positive("max_iters", max_iters)
+    check_positive("max_iters", max_iters)
     if on_failure not in ON_FAILURE:
         raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
 
@@ -146,6 +146,31 @@ class LanczosEig(Algorithm):
 
 
 @dataclass(frozen=True)
+class LanczosFunction(Algorithm):
+    """Lanczos for ``f(A) v`` of a symmetric operator (``sqrt``, ``isqrt``, any spectral ``f``).
+
+    ``f(A) v ≈ ‖v‖ Q_s f(T_s) e₁`` from ``s`` Lanczos steps started at ``v / ‖v‖`` (fully
+    reorthogonalised), exact for polynomials of degree ``< s``. Stops once the result
+    changes by at most ``tol`` (relative) from one step to the next, in every column, or
+    after ``min(max_iters, D)`` steps (then warns or raises per ``on_failure``). One
+    product with ``k`` columns per step, ``O(s D k)`` memory for the basis.
+
+    Args:
+        tol: Relative change of ``f(A) v`` between steps at which a column has converged.
+        max_iters: Lanczos steps at most (capped at ``D``).
+        on_failure: As in :class:`CG`.
+
+    """
+
+    tol: float = 1e-10
+    max_iters: int = 1000
+    on_failure: str = "warn"
+
+    def __post_init__(self) -> None:
+        _check_solver(self.tol, self.max_iters, self.on_failure)
+
+
+@dataclass(frozen=True)
 class Hutchinson(Algorithm):
     """Hutchinson's estimator: ``tr A ≈ (1/m) Σ_j z_jᵀ A z_j``, ``diag A ≈ (1/m) Σ_j z_j ⊙ A z_j``.
 
@@ -156,7 +181,7 @@ class Hutchinson(Algorithm):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive("num_matvecs", self.num_matvecs)
+        check_positive("num_matvecs", self.num_matvecs)
 
 
 @dataclass(frozen=True)
@@ -216,5 +241,5 @@ class SLQ(Algorithm):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive("num_probes", self.num_probes)
-        _check_positive("num_steps", self.num_steps)
+        check_positive("num_probes", self.num_probes)
+        check_positive("num_steps", self.num_steps)

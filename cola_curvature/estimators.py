@@ -25,7 +25,7 @@ from cola.annotations import PSD
 from cola.ops import LinearOperator
 
 from cola_curvature._tracing import is_abstract, is_traced
-from cola_curvature.algorithms import SLQ, Hutchinson, HutchPlusPlus, XTrace
+from cola_curvature.algorithms import SLQ, Hutchinson, HutchPlusPlus, XTrace, check_positive
 from cola_curvature.matfree._convergence import report_failure, report_failure_traced
 from cola_curvature.matfree._random import gaussian, rademacher
 from cola_curvature.matfree.krylov import gauss_quadrature
@@ -194,6 +194,21 @@ class SpectralQuadrature:
         nodes, weights = gauss_quadrature(A, probes, alg.num_steps)
         return cls(nodes, weights, A.shape[0])
 
+    @classmethod
+    def exact(cls, A: LinearOperator) -> SpectralQuadrature:
+        """Return the exact rule: nodes all eigenvalues of ``A``, weights ``1/D`` (one "probe").
+
+        ``tr f(A) = Σ_j f(λ_j)`` with no stochastic error, from ``D`` products (one product
+        with the ``D`` columns of the identity) and a dense ``eigh``: ``O(D²)`` memory.
+        """
+        _check_square(A)
+        xnp = A.xnp
+        dimension = A.shape[0]
+        dense = A @ xnp.eye(dimension, dimension, dtype=A.dtype, device=A.device)
+        eigenvalues = xnp.eigh((dense + dense.T) / 2)[0]
+        weights = xnp.ones_like(eigenvalues) / dimension
+        return cls(eigenvalues[None], weights[None], dimension)
+
     def per_probe(self, f: Callable[[Array], Array], xnp: Any) -> Array:
         """Return the ``p`` single-probe estimates ``D Σ_i τ_i² f(θ_i)``.
 
@@ -207,6 +222,19 @@ class SpectralQuadrature:
     def trace(self, f: Callable[[Array], Array], xnp: Any) -> Array:
         """Return the estimate of ``tr f(A)``, the mean of :meth:`per_probe`."""
         return xnp.mean(self.per_probe(f, xnp))
+
+    def standard_error(self, f: Callable[[Array], Array], xnp: Any) -> Array:
+        """Return the standard error of :meth:`trace` over the probes (``0`` for one probe).
+
+        The spread of the single-probe estimates over ``√p``: the Hutchinson part of the
+        error; the quadrature part vanishes as the Lanczos steps grow.
+        """
+        estimates = self.per_probe(f, xnp)
+        count = estimates.shape[0]
+        if count == 1:
+            return 0 * estimates[0]
+        spread = xnp.sum((estimates - xnp.mean(estimates)) ** 2) / (count - 1)
+        return xnp.sqrt(spread / count)
 
 
 def stochastic_lanczos_quadrature(
@@ -231,6 +259,14 @@ def slq_slogdet(A: LinearOperator, alg: SLQ | None = None) -> tuple[Array, Array
     is not an integer beyond two standard errors the sign is unknown: ``nan`` and a
     :class:`~cola_curvature.ConvergenceWarning` (use more probes and steps; inside
     ``jax.jit`` the warning comes when the compiled function runs).
+    ``cola.linalg.logdet`` returns the ``log|det A|`` part alone, whatever the sign.
+
+    Accuracy: Gauss quadrature of ``log|x|`` converges geometrically when the spectrum
+    stays away from zero (``GGN + λI``, ``H + λI`` with ``λ`` above ``−λ_min(H)``). An
+    operator with eigenvalues at or near zero (an undamped Hessian or GGN: singular
+    within rounding, ``log|det| = −∞``) has no meaningful log-determinant, and ``s``
+    Lanczos steps do not resolve its null space: the estimate is then a finite number
+    set by ``s``. Damp such operators first.
     """
     xnp = A.xnp
     quadrature = SpectralQuadrature.of(A, alg or SLQ())
@@ -259,8 +295,9 @@ def _unknown_sign_message(count: Any, error: Any) -> str:
     """Return the warning for a determinant sign SLQ cannot settle."""
     return (
         f"SLQ estimates {float(count):.2f} ± {float(error):.2f} negative eigenvalues, too "
-        "uncertain for the sign of the determinant (returned as nan); raise "
-        "SLQ(num_probes=..., num_steps=...)."
+        "uncertain for the sign of the determinant: slogdet returns the sign as nan and "
+        "log|det A| as estimated (cola.linalg.logdet returns that log|det A|, without a "
+        "sign); raise SLQ(num_probes=..., num_steps=...) to settle the sign."
     )
 
 
@@ -291,6 +328,8 @@ def _quadrature_nodes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return Lanczos nodes and weights of ``num_runs`` Gaussian probes, as NumPy arrays."""
     _check_square(A)
+    check_positive("num_runs", num_runs)
+    check_positive("num_steps", num_steps)
     nodes, weights = gauss_quadrature(A, gaussian(A, num_runs, seed), num_steps)
     if is_traced(nodes):
         raise ValueError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import cola
@@ -58,11 +58,15 @@ class Laplace:
     :class:`~cola_curvature.KroneckerFactored` operator the user built for
     the same ``params`` on the summed unit-variance NLL. ``"ggn"`` keeps the exact GGN
     matrix-free: ``P = c G + δ I`` is a :class:`~cola_curvature.ShiftedCurvature`,
-    predictives solve with CG, and ``logdet P`` is *stochastic*: one stochastic Lanczos
-    quadrature of ``G`` (``slq``) is computed once, and since the rule of ``c G + δ I`` has
-    nodes ``c θ + δ``, every later evaluation of the evidence (and its gradient in ``δ``
-    and ``σ``) costs no product with ``G``. ``sample`` needs ``P^{-1/2}``, which is not
-    offered for ``"ggn"``. ``"lowrank"``: ``U diag(s) Uᵀ + diag(d)`` with the top-``rank``
+    predictives solve with CG, and ``logdet P`` comes from one quadrature rule of ``G``
+    computed once: since the rule of ``c G + δ I`` has nodes ``c θ + δ``, every later
+    evaluation of the evidence (and its gradient in ``δ`` and ``σ``) costs no product with
+    ``G``. With ``slq=None`` and ``D`` at most the default SLQ budget (``20 × 30 = 600``
+    product columns), the rule is exact (all eigenvalues of ``G``, ``D`` product columns);
+    otherwise it is *stochastic* (Lanczos quadrature, ``slq``, default ``cc.SLQ()``), and
+    :meth:`log_det_standard_error` gives its standard error over the probes. ``sample``
+    applies ``P^{-1/2}`` by Lanczos (:class:`~cola_curvature.LanczosFunction`).
+    ``"lowrank"``: ``U diag(s) Uᵀ + diag(d)`` with the top-``rank``
     eigenpairs of the GGN (Lanczos) and ``d`` the rest of its exact diagonal (clipped at 0),
     a :class:`~cola_curvature.DiagonalPlusLowRank`: inverse by Woodbury, logdet by
     Sylvester's identity and samples through an exact factor, all ``O(D k²)``.
@@ -87,7 +91,8 @@ class Laplace:
             layer, weight and bias together); :meth:`optimize_prior_precision` tunes each.
         sigma_noise: ``σ > 0``, observation noise of regression (must be 1 otherwise).
         temperature: ``T > 0``; ``T < 1`` sharpens the likelihood.
-        slq: The quadrature of ``logdet`` for ``"ggn"`` (default ``cc.SLQ()``).
+        slq: The quadrature of ``logdet`` for ``"ggn"``; ``None``: exact for ``D ≤ 600``,
+            else ``cc.SLQ()``.
         rank: ``k`` of ``"lowrank"``.
         symmetry_groups: ``groups`` of :class:`~cola_curvature.SymmetryCurvature` for
             ``"symmetry"``.
@@ -138,7 +143,7 @@ class Laplace:
         # matrix-free curvatures keep their own scaling: the GGN of the loss for "ggn",
         # a user's operator as given (already of the unit-variance NLL)
         self._matrix_free_scale = self._nll_scale if curvature == "ggn" else 1.0
-        self._slq = slq or SLQ()
+        self._slq = slq
         self._quadrature: SpectralQuadrature | None = None
         self._spectrum: tuple[list[Array], Array] | None = None
         self._block_norms: list[Array] | None = None
@@ -353,11 +358,42 @@ class Laplace:
             )
         if not self.matrix_free:
             return cola.linalg.logdet(self.posterior_precision(delta, sigma))
-        if self._quadrature is None:
-            self._quadrature = SpectralQuadrature.of(self.curvature, self._slq)
+        xnp = self.curvature.xnp
+        return self._curvature_quadrature().trace(self._log_posterior_eigenvalue(delta, sigma), xnp)
+
+    def log_det_standard_error(self, prior_precision: Any = None, sigma_noise: Any = None) -> Array:
+        """Return the standard error of :meth:`log_det_posterior_precision` (``0`` if exact).
+
+        Nonzero only for a matrix-free curvature whose log-determinant is estimated by SLQ
+        (``D > 600`` or an explicit ``slq``): the spread over the probes, ``/ √p``. The
+        evidence carries half of it.
+        """
+        delta, sigma = self._resolve(prior_precision, sigma_noise)
+        xnp = self.curvature.xnp
+        if not self.matrix_free:
+            return xnp.array(0.0, dtype=self.curvature.dtype, device=self.curvature.device)
+        quadrature = self._curvature_quadrature()
+        return quadrature.standard_error(self._log_posterior_eigenvalue(delta, sigma), xnp)
+
+    def _log_posterior_eigenvalue(self, delta: Array, sigma: Array) -> Callable[[Array], Array]:
+        """Return ``θ ↦ log(c θ + δ)``: an eigenvalue of ``H`` to one of ``log P``."""
         xnp = self.curvature.xnp
         scale = self._matrix_free_scale / (sigma**2 * self.temperature)
-        return self._quadrature.trace(lambda nodes: xnp.log(scale * nodes + delta), xnp)
+        return lambda nodes: xnp.log(scale * nodes + delta)
+
+    def _curvature_quadrature(self) -> SpectralQuadrature:
+        """Return the cached quadrature rule of the matrix-free ``H`` (exact when small)."""
+        if self._quadrature is None:
+            budget = SLQ()
+            exact = self._slq is None and self.curvature.shape[0] <= (
+                budget.num_probes * budget.num_steps
+            )
+            self._quadrature = (
+                SpectralQuadrature.exact(self.curvature)
+                if exact
+                else SpectralQuadrature.of(self.curvature, self._slq or budget)
+            )
+        return self._quadrature
 
     def log_likelihood(self, sigma_noise: Any = None) -> Array:
         """Return ``log p(D | θ*)`` (tempered by ``1/T``), differentiable in ``σ``.
@@ -542,16 +578,13 @@ class Laplace:
     def sample(self, num_samples: int, seed: int = 0) -> Array:
         """Return ``θ* + L z``, ``z ~ N(0, I)``, ``L Lᵀ = P⁻¹``, shape ``(D, num_samples)``.
 
-        ``L = P^{-1/2}`` for the Kronecker-factored posteriors; for ``"lowrank"`` the exact
-        factor of :meth:`DiagonalPlusLowRank.inverse_factor`.
+        ``L = P^{-1/2}``: exact for the Kronecker-factored posteriors, by Lanczos for the
+        matrix-free ones (``"ggn"``; all samples together, one product with
+        ``num_samples`` columns per step); for ``"lowrank"`` the exact factor of
+        :meth:`DiagonalPlusLowRank.inverse_factor`.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(f"num_samples must be a non-negative integer, got {num_samples!r}.")
-        if self.matrix_free:
-            raise NotImplementedError(
-                "sample needs P^{-1/2}, which the matrix-free 'ggn' posterior does not offer; "
-                "use curvature='kfac', 'ekfac', 'diag' or 'full'."
-            )
         like = self._mean[:1]
         noise = self._backend.random(seed).normal((self._mean.shape[0], num_samples), like)
         precision = self.posterior_precision()

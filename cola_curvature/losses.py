@@ -15,7 +15,14 @@ Array = Any
 
 
 class RandomSource(Protocol):
-    """A seeded source of random numbers supplied by a backend."""
+    """A seeded source of random numbers supplied by a backend.
+
+    Monte-Carlo targets are drawn as one array of shape ``(M, N, *entry)``: entry
+    ``[m, n]`` belongs to sample ``m`` of the batch's example ``n``. In the sources the
+    operators use (``example_random`` of a backend), the numbers of example ``n`` depend
+    only on the seed, ``n``'s global index in the data and the shape ``(M, *entry)``, so an
+    example's samples do not depend on how the data is split into batches.
+    """
 
     def uniform(self, shape: tuple[int, ...], like: Array) -> Array:
         """Return samples from U[0, 1) with dtype and device of ``like``."""
@@ -66,22 +73,29 @@ class Loss(ABC):
         """
 
     @abstractmethod
-    def sample(self, f: Array, rng: RandomSource) -> Array:
-        """Draw targets ``ŷ ~ q(· | f)`` from the likelihood whose NLL this loss is."""
+    def sample(self, f: Array, rng: RandomSource, num_samples: int) -> Array:
+        """Draw targets ``ŷ_{mn} ~ q(· | f_n)``, shape ``(num_samples, *targets of f)``.
+
+        One draw of shape ``(num_samples, N, *entry)`` from ``rng`` (see
+        :class:`RandomSource`): sample ``m`` of example ``n`` uses entry ``[m, n]`` only.
+        """
 
     def sampled_output_gradients(self, f: Array, rng: RandomSource, num_samples: int) -> Array:
         """Return ``∇_f ℓ(f, ŷ_m)`` for ``ŷ_m ~ q(· | f)``, shape ``(num_samples, *f.shape)``.
 
-        All samples are drawn in one call on ``f`` repeated ``num_samples`` times, so
-        ``E[d dᵀ] = ∇²_f ℓ`` per example; every user of Monte-Carlo targets draws them this
-        way, so the same ``rng`` state gives the same targets everywhere. The repetition is
-        one broadcast (not a concatenation of ``num_samples`` copies, which JAX compiles in
-        time linear in ``num_samples``).
+        The targets of all samples come from one :meth:`sample` call, so ``E[d dᵀ] = ∇²_f ℓ``
+        per example; every user of Monte-Carlo targets draws them this way, so the same
+        ``rng`` gives the same targets everywhere. The gradients are taken on ``f`` repeated
+        ``num_samples`` times along the example axis, one broadcast (not a concatenation of
+        ``num_samples`` copies, which JAX compiles in time linear in ``num_samples``).
         """
         xnp = get_library_fns(f.dtype)
+        targets = self.sample(f, rng, num_samples)
         ones = xnp.ones((num_samples,) + (1,) * f.ndim, dtype=f.dtype, device=xnp.get_device(f))
-        stacked = (ones * f[None]).reshape((num_samples * f.shape[0],) + tuple(f.shape[1:]))
-        gradients = self.output_gradient(stacked, self.sample(stacked, rng))
+        rows = num_samples * f.shape[0]
+        stacked = (ones * f[None]).reshape((rows,) + tuple(f.shape[1:]))
+        flat_targets = targets.reshape((rows,) + tuple(targets.shape[2:]))
+        gradients = self.output_gradient(stacked, flat_targets)
         return gradients.reshape((num_samples,) + tuple(f.shape))
 
     @abstractmethod
@@ -133,9 +147,9 @@ class MSE(Loss):
         """Return ``√2 e_k`` for every output entry ``k``, shape ``(numel(f_n), *f.shape)``."""
         return _diagonal_factor(f, math.sqrt(2.0) * (0 * f + 1))
 
-    def sample(self, f: Array, rng: RandomSource) -> Array:
-        """Return ``f + ε / √2`` with ``ε ~ N(0, I)``."""
-        return f + rng.normal(tuple(f.shape), f) / math.sqrt(2.0)
+    def sample(self, f: Array, rng: RandomSource, num_samples: int) -> Array:
+        """Return ``f + ε_m / √2`` with ``ε_m ~ N(0, I)``, shape ``(num_samples, *f.shape)``."""
+        return f[None] + rng.normal((num_samples,) + tuple(f.shape), f) / math.sqrt(2.0)
 
     def check_target(self, f: Array, y: Array) -> None:
         """Require ``y`` of the same shape as ``f``."""
@@ -206,11 +220,11 @@ class CrossEntropy(Loss):
         full = per_position[:, None] * eye_positions.reshape(1, positions, 1, 1, positions)
         return full.reshape((num_classes * positions,) + tuple(f.shape))
 
-    def sample(self, f: Array, rng: RandomSource) -> Array:
-        """Draw class labels from ``softmax(f)`` by inverting its cumulative sum."""
+    def sample(self, f: Array, rng: RandomSource, num_samples: int) -> Array:
+        """Draw labels ``(num_samples, N, d_1, …)`` from ``softmax(f)`` by inverting its cumsum."""
         xnp = get_library_fns(f.dtype)
-        cumulative = xnp.moveaxis(self._probabilities(f), 1, -1).cumsum(-1)
-        u = rng.uniform(tuple(cumulative.shape[:-1]) + (1,), f)
+        cumulative = xnp.moveaxis(self._probabilities(f), 1, -1).cumsum(-1)[None]
+        u = rng.uniform((num_samples,) + tuple(cumulative.shape[1:-1]) + (1,), f)
         below = xnp.cast(cumulative[..., :-1] < u, xnp.int32)  # int32: JAX has no int64 without x64
         return below.sum(-1)
 
@@ -269,10 +283,11 @@ class BCEWithLogits(Loss):
         s = self._sigmoid(f)
         return _diagonal_factor(f, xnp.sqrt(s * (1 - s)))
 
-    def sample(self, f: Array, rng: RandomSource) -> Array:
-        """Draw ``ŷ ~ Bernoulli(σ(f))``."""
+    def sample(self, f: Array, rng: RandomSource, num_samples: int) -> Array:
+        """Draw ``ŷ_m ~ Bernoulli(σ(f))``, shape ``(num_samples, *f.shape)``."""
         xnp = get_library_fns(f.dtype)
-        return xnp.cast(rng.uniform(tuple(f.shape), f) < self._sigmoid(f), f.dtype)
+        u = rng.uniform((num_samples,) + tuple(f.shape), f)
+        return xnp.cast(u < self._sigmoid(f)[None], f.dtype)
 
     def check_target(self, f: Array, y: Array) -> None:
         """Require float targets of the shape of ``f``."""

@@ -49,6 +49,21 @@ class KFACApprox(str, Enum):
     REDUCE = "reduce"
 
 
+class Uncovered(str, Enum):
+    """What KFAC and EKFAC do with parameters that no Kronecker layer owns.
+
+    Attributes:
+        ERROR: raise, naming those parameters.
+        DIAGONAL: one exact diagonal block of the matching curvature (GGN, Monte-Carlo or
+            empirical Fisher), ``O(d)`` memory, built by per-example reverse passes.
+        DENSE: one exact dense block of that curvature, ``O(d²)`` memory and ``d`` products.
+    """
+
+    ERROR = "error"
+    DIAGONAL = "diagonal"
+    DENSE = "dense"
+
+
 class DampingMode(str, Enum):
     """How damping ``λ`` enters a Kronecker-factored block.
 

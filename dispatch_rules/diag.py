@@ -10,7 +10,7 @@ from cola_curvature.estimators import hutchinson_diagonal, xdiag
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
-from cola_curvature.operators.shifted import ShiftedCurvature
+from cola_curvature.operators.shifted import CurvatureSum, ShiftedCurvature
 
 _ESTIMATORS = {Hutchinson: hutchinson_diagonal, XTrace: xdiag}
 
@@ -54,3 +54,14 @@ def diag(A: CurvatureOperator, k: int, alg: Auto | Hutchinson | XTrace):  # noqa
 def diag(A: ShiftedCurvature, k: int, alg: Auto | Hutchinson | XTrace):  # noqa: F811
     """Return ``c`` times the estimate of ``diag A`` plus the exact ``λ``."""
     return A.scale * diag(A.base, k, alg) + A.shift
+
+
+# diag(Σ_i c_i A_i + λI) = Σ_i c_i diag A_i + λ
+@dispatch(precedence=1)
+def diag(A: CurvatureSum, k: int, alg: Auto | Hutchinson | XTrace):  # noqa: F811
+    """Return the terms' diagonals (exact for structured terms, else estimated) plus ``λ``."""
+    _main_diagonal_only(A, k)
+    total = A.shift
+    for c, term in A.terms:
+        total = total + c * diag(term, k, alg)
+    return total

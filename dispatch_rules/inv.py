@@ -13,6 +13,7 @@ from cola_curvature.matfree.solvers import IterativeInverse
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import CurvatureInverse, MatrixFreeCurvature
+from dispatch_rules._spectrum import zero_cutoff
 
 
 # (P ⊕_l (Q_G⊗Q_A) S_l (Q_G⊗Q_A)ᵀ Pᵀ)⁻¹ = P ⊕_l (Q_G⊗Q_A) S_l⁻¹ (Q_G⊗Q_A)ᵀ Pᵀ; (G⊗A)⁻¹ = G⁻¹⊗A⁻¹
@@ -25,12 +26,15 @@ def inv(A: KroneckerFactored, alg: Algorithm):
     ``(Q_G⊗Q_A) S⁻¹ (Q_G⊗Q_A)ᵀ`` (four).
 
     Raises:
-        ValueError: when ``K`` is singular (damp it first: ``K + λ * cola.ops.I_like(K)``).
+        ValueError: when ``K`` is singular, an eigenvalue ``≤ √D · ε · max|λ|`` (rounding noise
+            of a zero; damp it first: ``K + λ * cola.ops.I_like(K)``), or indefinite.
     """
-    if not bool((A.eigenvalues() > 0).all()):
+    eigenvalues = A.eigenvalues()
+    if not bool((eigenvalues > zero_cutoff(eigenvalues, A.shape[0], A.xnp)).all()):
         raise ValueError(
             "This Kronecker-factored operator is singular or indefinite (an eigenvalue is "
-            "<= 0); invert a damped version, e.g. cola.linalg.inv(K + λ * cola.ops.I_like(K))."
+            "zero up to rounding, |λ| <= √D·ε·max|λ|, or negative); invert a damped version, "
+            "e.g. cola.linalg.inv(K + λ * cola.ops.I_like(K))."
         )
     return A.inverse()
 
@@ -38,10 +42,10 @@ def inv(A: KroneckerFactored, alg: Algorithm):
 # (P ⊕_l (Q_G⊗Q_A) S_l (Q_G⊗Q_A)ᵀ Pᵀ)⁺ = P ⊕_l (Q_G⊗Q_A) S_l⁺ (Q_G⊗Q_A)ᵀ Pᵀ
 @dispatch(precedence=1)
 def pinv(A: KroneckerFactored, alg: Algorithm):
-    """Return the Moore-Penrose pseudo-inverse, zeroing eigenvalues below ``D · ε · max|s|``."""
+    """Return the Moore-Penrose pseudo-inverse, zeroing eigenvalues ``≤ √D · ε · max|s|``."""
     xnp = A.xnp
     eigenvalues = A.eigenvalues()
-    cutoff = A.shape[0] * xnp.finfo(A.dtype).eps * xnp.abs(eigenvalues).max()
+    cutoff = zero_cutoff(eigenvalues, A.shape[0], xnp)
 
     def pseudo_reciprocal(s):
         keep = xnp.abs(s) > cutoff

@@ -11,18 +11,25 @@ from cola_curvature.estimators import slq_slogdet
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import MatrixFreeCurvature
+from dispatch_rules._spectrum import zero_cutoff
 
 
 # log|det K| = Σ_l Σ_ij log|S_l,ij|,  sign(det K) = Π sign(S_l,ij)
 @dispatch(precedence=1)
 def slogdet(A: KroneckerFactored, log_alg: Algorithm, trace_alg: Algorithm):
-    """Return ``(sign, log|det K|)`` exactly; the algorithms are not used."""
+    """Return ``(sign, log|det K|)`` exactly; the algorithms are not used.
+
+    A singular ``K`` (an eigenvalue ``|λ| ≤ √D · ε · max|λ|``, rounding noise of a zero, as
+    an undamped KFAC of a rank-deficient factor has) gives ``(0, −inf)``, as
+    ``numpy.linalg.slogdet`` does, never a finite number from the noise.
+    """
     xnp = A.xnp
     eigenvalues = A.eigenvalues()
+    singular = (xnp.abs(eigenvalues) <= zero_cutoff(eigenvalues, A.shape[0], xnp)).any()
     negatives = (eigenvalues < 0).sum()
     sign = 1 - 2 * (negatives % 2)
-    sign = xnp.where(xnp.all(eigenvalues != 0), sign, 0 * sign)
-    return sign, xnp.log(xnp.abs(eigenvalues)).sum()
+    log_abs = xnp.log(xnp.abs(eigenvalues)).sum()
+    return xnp.where(singular, 0 * sign, sign), xnp.where(singular, -float("inf"), log_abs)
 
 
 # det(c I_D) = c^D: log|det| = D log|c|, sign = sign(c)^D  (CoLA 0.0.7 returns log|c|)

@@ -10,7 +10,7 @@ from cola_curvature.estimators import hutchinson_trace, hutchpp_trace, xtrace
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
-from cola_curvature.operators.shifted import ShiftedCurvature
+from cola_curvature.operators.shifted import CurvatureSum, ShiftedCurvature
 
 _ESTIMATORS = {Hutchinson: hutchinson_trace, HutchPlusPlus: hutchpp_trace, XTrace: xtrace}
 
@@ -38,3 +38,13 @@ def trace(A: CurvatureOperator, alg: Auto | Hutchinson | HutchPlusPlus | XTrace)
 def trace(A: ShiftedCurvature, alg: Auto | Hutchinson | HutchPlusPlus | XTrace):  # noqa: F811
     """Return ``c`` times the estimate of ``tr A`` plus the exact ``λ D``."""
     return A.scale * trace(A.base, alg) + A.shift * A.shape[0]
+
+
+# tr(Σ_i c_i A_i + λI) = Σ_i c_i tr A_i + λ D
+@dispatch(precedence=1)
+def trace(A: CurvatureSum, alg: Auto | Hutchinson | HutchPlusPlus | XTrace):  # noqa: F811
+    """Return the terms' traces (exact for structured terms, else estimated) plus ``λ D``."""
+    total = A.shift * A.shape[0]
+    for c, term in A.terms:
+        total = total + c * trace(term, alg)
+    return total

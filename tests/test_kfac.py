@@ -284,15 +284,16 @@ def reference_models():
 
 
 def sampled_targets(model, loss, data, mc_samples, seed):
-    """Targets drawn as KFAC draws them: one generator, batch by batch, sample by sample."""
-    from cola_curvature.backends.torch.state import TorchRandom
+    """Targets drawn as KFAC draws them: example ``n``'s from the stream of ``(seed, n)``."""
+    from cola_curvature.backends.torch.state import TorchExampleRandom
 
-    rng, per_example = TorchRandom(seed, torch.device("cpu")), []
+    per_example, first_example = [], 0
     for x, _ in data:
         with torch.no_grad():
             outputs = model(x)
-        draws = loss.sample(torch.cat([outputs] * mc_samples), rng).split(x.shape[0])
+        draws = loss.sample(outputs, TorchExampleRandom(seed, first_example), mc_samples)
         per_example += [[d[n : n + 1] for d in draws] for n in range(x.shape[0])]
+        first_example += x.shape[0]
     return per_example
 
 

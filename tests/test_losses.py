@@ -7,7 +7,7 @@ from torch.func import grad, hessian
 
 from cola_curvature import losses
 from cola_curvature.backends.torch.losses import as_loss
-from cola_curvature.backends.torch.state import TorchRandom
+from cola_curvature.backends.torch.state import TorchExampleRandom
 
 F64 = torch.float64
 
@@ -68,10 +68,8 @@ def test_hessian_factor_is_exact_per_example(name, shape):
 def test_sampled_gradients_have_the_hessian_as_second_moment(name, shape):
     f, _ = output_and_targets(name, shape, seed=2)
     loss = as_loss(TORCH_LOSSES[name](reduction="sum"))
-    rng = TorchRandom(0, torch.device("cpu"))
     samples = 20_000
-    repeated = f.repeat(samples, 1)
-    d = loss.output_gradient(repeated, loss.sample(repeated, rng)).reshape(samples, *shape)
+    d = loss.sampled_output_gradients(f, TorchExampleRandom(0, 0), samples)
     moment = torch.einsum("sni,snj->nij", d, d) / samples
     eye = torch.eye(shape[1], dtype=F64)
     expected = torch.stack(
@@ -83,8 +81,8 @@ def test_sampled_gradients_have_the_hessian_as_second_moment(name, shape):
 def test_sampling_uses_a_private_generator():
     f, _ = output_and_targets("ce", (5, 3))
     state = torch.random.get_rng_state()
-    first = losses.CrossEntropy().sample(f, TorchRandom(3, torch.device("cpu")))
-    second = losses.CrossEntropy().sample(f, TorchRandom(3, torch.device("cpu")))
+    first = losses.CrossEntropy().sample(f, TorchExampleRandom(3, 0), 2)
+    second = losses.CrossEntropy().sample(f, TorchExampleRandom(3, 0), 2)
     assert torch.equal(first, second)
     assert torch.equal(torch.random.get_rng_state(), state)
 

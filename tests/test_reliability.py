@@ -1,6 +1,9 @@
 """No silent wrong numbers: bad input gets a clear error from this library, never a crash
 from deep inside torch or a surprising result."""
 
+import re
+
+import cola
 import pytest
 import torch
 from torch import nn
@@ -105,10 +108,59 @@ def test_laplace_sample_count_is_checked(problem, num_samples):
 
 @pytest.mark.parametrize("damping", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_damping_is_refused(ggn, problem, damping):
-    import cola
-
     with pytest.raises(ValueError, match="finite"):
         ggn + damping * cola.ops.I_like(ggn)
     kfac = cc.KFAC(*problem)
     with pytest.raises(ValueError, match="damping"):
         kfac + damping * cola.ops.I_like(kfac)
+
+
+def test_a_rank_deficient_kfac_has_no_finite_log_determinant(problem):
+    # one example: every factor has rank one, the eigenvalues are zero up to ±1e-17
+    model, loss, params, [(X, y)] = problem
+    kfac = cc.KFAC(model, loss, params, [(X[:1], y[:1])])
+    dense_eigenvalues = torch.linalg.eigvalsh(kfac.to_dense())
+    assert dense_eigenvalues.abs().min() < 1e-12 * dense_eigenvalues.abs().max()
+    sign, log_abs = cola.linalg.slogdet(kfac)
+    assert sign == 0 and log_abs == -float("inf")
+    assert cola.linalg.logdet(kfac) == -float("inf")
+    with pytest.raises(ValueError, match="singular"):
+        cola.linalg.inv(kfac)
+    damped = kfac + 0.1 * cola.ops.I_like(kfac)
+    expected_sign, expected = torch.linalg.slogdet(damped.to_dense())
+    sign, log_abs = cola.linalg.slogdet(damped)
+    assert sign == expected_sign == 1 and abs(log_abs - expected) < 1e-10 * abs(expected)
+
+
+def test_an_uncertain_determinant_sign_says_what_logdet_returns(problem):
+    hessian = cc.Hessian(*problem)
+    damped = hessian + 0.3 * cola.ops.I_like(hessian)
+    with pytest.warns(cc.ConvergenceWarning, match=re.escape("logdet returns that log|det A|")):
+        sign, log_abs = cola.linalg.slogdet(damped, log_alg=cc.SLQ(num_probes=3, num_steps=5))
+    assert torch.isnan(sign) and torch.isfinite(log_abs)
+
+
+@pytest.mark.parametrize("options", [{"num_runs": 0}, {"num_steps": 0}, {"num_runs": 1.5}])
+@pytest.mark.parametrize("density", ["spectral_density", "log_spectral_density"])
+def test_spectral_density_budgets_are_checked(ggn, options, density):
+    with pytest.raises(ValueError, match="positive integer"):
+        getattr(cc.estimators, density)(ggn, **options)
+
+
+@pytest.mark.parametrize("operator_type", [cc.GGN, cc.Hessian, cc.EmpiricalFisher])
+def test_products_from_several_threads_match_the_serial_ones(operator_type):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, loss, params, data = Case("mlp", "ce", "mean", "uneven").build()
+    parameter_objects = [id(p) for p in model.parameters()]
+    operator = operator_type(model, loss, params, data)
+    other = cc.GGN(model, loss, params, data)
+    V = torch.linspace(-1.0, 1.0, operator.shape[0] * 3, dtype=F64).reshape(-1, 3)
+    serial = operator @ V, other @ V
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(lambda op=op: op @ V) for _ in range(6) for op in (operator, other)]
+        results = [job.result() for job in jobs]
+    for index, result in enumerate(results):
+        assert torch.equal(result, serial[index % 2])
+    assert [id(p) for p in model.parameters()] == parameter_objects
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())

@@ -46,6 +46,9 @@ class CurvatureBackend(Protocol):
     def gather_counts(self, count: int) -> list[int]:
         """Return every rank's ``count``, in rank order."""
 
+    def process_rank(self) -> int:
+        """Return this process's rank in the process group."""
+
     def check_same_parameters(self) -> None:
         """Raise ``ValueError`` on every rank when the ranks' parameter values differ."""
 
@@ -154,3 +157,11 @@ class CurvatureBackend(Protocol):
 
     def random(self, seed: int) -> RandomSource:
         """Return a random source seeded with ``seed`` that leaves global RNG alone."""
+
+    def example_random(self, seed: int, first_example: int) -> RandomSource:
+        """Return the source of Monte-Carlo targets of a batch starting at ``first_example``.
+
+        Each example's numbers depend on ``seed`` and its global index only (the batch's
+        example ``n`` has index ``first_example + n``; see
+        :class:`~cola_curvature.losses.RandomSource`).
+        """

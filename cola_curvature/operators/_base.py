@@ -84,18 +84,18 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return this batch's contribution to ``A V`` (risk scaling ``R`` included)."""
 
-    def _rng_for_product(self) -> Any:
-        """Return the random source one product uses (``None``: the operator is exact)."""
+    def _sampling_seed(self) -> int | None:
+        """Return the seed of the sampled targets (``None``: the operator is exact)."""
         return None
 
     def _matmat(self, X: Array) -> Array:
         """Return ``A X`` for ``X`` of shape ``(D, k)``, summed over all batches."""
         backend = self._backend
         columns = backend.unflatten(X)
-        rng = self._rng_for_product()
         total = None
         with backend.preserved_state():
-            for batch in self._data.batches(f"{type(self).__name__} @ V"):
+            desc = f"{type(self).__name__} @ V"
+            for batch, rng in self._data.sampled_batches(desc, self._sampling_seed()):
                 contribution = self._batch_matmat(columns, batch, rng)
                 total = (
                     contribution

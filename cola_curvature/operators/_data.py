@@ -26,6 +26,11 @@ class CurvatureData:
     ``all_reduce``), so every rank holds the product over the whole data set. At
     construction every rank must hold at least one example and the same parameter values.
 
+    Examples are numbered ``0, …, N' - 1`` in iteration order (``N'`` the examples held;
+    distributed: rank ``r``'s first example is numbered by the sum of the counts of ranks
+    ``< r``, as if the shards were concatenated in rank order). Monte-Carlo targets are
+    keyed by these global indices (:meth:`sampled_batches`).
+
     Args:
         data: The batches, e.g. a list or a ``DataLoader``.
         backend: The backend that checks batches and runs the model.
@@ -48,13 +53,16 @@ class CurvatureData:
         self.source = data
         self._backend = backend
         self._progressbar = progressbar
+        self._batch_size = batch_size_fn or backend.batch_size
+        self._first_example = 0
         self.distributed = distributed
         if distributed:
             backend.check_process_group()
         with backend.preserved_state():
-            counted = count_examples(data, batch_size_fn or backend.batch_size, backend)
+            counted = count_examples(data, self._batch_size, backend)
         if distributed:
             counts = backend.gather_counts(counted)
+            self._first_example = sum(counts[: backend.process_rank()])
             empty = [rank for rank, count in enumerate(counts) if count == 0]
             if empty:
                 raise ValueError(
@@ -74,6 +82,20 @@ class CurvatureData:
         if not self._progressbar:
             return iter(self.source)
         return iter(tqdm(self.source, desc=desc, leave=False))
+
+    def sampled_batches(self, desc: str, seed: int | None) -> Iterator[tuple[Any, Any]]:
+        """Iterate over ``(batch, rng)``: ``rng`` draws the batch's Monte-Carlo targets.
+
+        Example ``n`` of the data set draws its samples from a stream keyed by ``(seed, n)``
+        with ``n`` its global index (see the class docstring), so any split of the same
+        examples, in the same order, into batches gives the same targets. ``rng`` is
+        ``None`` when ``seed`` is (exact curvatures draw nothing).
+        """
+        first_example = self._first_example
+        for batch in self.batches(desc):
+            rng = None if seed is None else self._backend.example_random(seed, first_example)
+            yield batch, rng
+            first_example += self._batch_size(batch[0])
 
     def check_reproducible(self) -> None:
         """Raise ``RuntimeError`` unless two passes give the same batches and model outputs."""

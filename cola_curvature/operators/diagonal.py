@@ -2,61 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
-
-from cola.ops import LinearOperator
 
 from cola_curvature._checks import check_mc_samples
 from cola_curvature.backends import curvature_backend
 from cola_curvature.operators._data import CurvatureData
-from cola_curvature.operators._interface import ParameterSpaceInterface
-from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerFactored
+from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
 from cola_curvature.options import FisherType, parse_option
 
 Array = Any
 
 
-class DiagonalBlock(LinearOperator):
-    """A diagonal block ``diag(d)``: its own eigen-decomposition (eigenvectors ``e_i``)."""
-
-    def __init__(self, values: Array) -> None:
-        self.values = values
-        super().__init__(values.dtype, (values.shape[0], values.shape[0]))
-
-    def _matmat(self, X: Array) -> Array:
-        """Return ``d ⊙ X`` row-wise."""
-        return self.values[:, None] * X
-
-    def spectrum(self) -> Array:
-        """Return ``d``."""
-        return self.values
-
-    def map_spectrum(self, fn: Callable[[Array], Array]) -> DiagonalBlock:
-        """Return ``diag(f(d))``."""
-        return DiagonalBlock(fn(self.values))
-
-    def scaled(self, factor: Array) -> DiagonalBlock:
-        """Return ``diag(c d)``."""
-        return DiagonalBlock(factor * self.values)
-
-    def eigenvector(self, index: int) -> Array:
-        """Return the unit vector ``e_index``."""
-        xnp = self.xnp
-        return xnp.canonical(
-            loc=index, shape=self.values.shape, dtype=self.dtype, device=self.device
-        )
-
-    def diagonal(self) -> Array:
-        """Return ``d``."""
-        return self.values
-
-    def trace(self) -> Array:
-        """Return ``Σ d``."""
-        return self.values.sum()
-
-
-class DiagonalCurvature(ParameterSpaceInterface, KroneckerFactored):
+class DiagonalCurvature(ParameterKroneckerFactored):
     r"""The exact diagonal ``diag(C)`` of a curvature ``C = R Σ_n J_nᵀ M_n J_n``.
 
     ``diag(C)_i = R Σ_{n,c} (J_nᵀ u_{n,c})_i²`` with the output cotangents of
@@ -113,10 +71,9 @@ class DiagonalCurvature(ParameterSpaceInterface, KroneckerFactored):
         if check_deterministic:
             data.check_reproducible()
         self.num_data = data.num_data
-        rng = self._backend.random(seed)
         total = 0
         with self._backend.preserved_state():
-            for batch in data.batches("curvature diagonal"):
+            for batch, rng in data.sampled_batches("curvature diagonal", seed):
                 total = total + self._backend.curvature_diagonal(
                     batch, data.num_data, self.fisher_type, mc_samples, rng
                 )

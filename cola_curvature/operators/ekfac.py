@@ -20,8 +20,9 @@ class EKFAC(KFAC):
     is example ``n``'s weight gradient for the backpropagated column ``c`` (same
     ``fisher_type`` as KFAC). ``S`` is the diagonal of the exact curvature block in the
     Kronecker eigenbasis, so EKFAC is never further from it (in Frobenius norm) than KFAC,
-    and equals it wherever KFAC is exact. Dense blocks of uncovered parameters are kept
-    exact in their own eigenbasis.
+    and equals it wherever KFAC is exact. Blocks of uncovered parameters (``uncovered`` as
+    for KFAC: ``"diagonal"`` or ``"dense"``) are kept exact, a dense one in its own
+    eigenbasis.
 
     Cost of the build: KFAC's build, the factors' eigen-decompositions, and a second pass
     over the data with the same backward passes. Annotation: ``PSD``.
@@ -31,7 +32,8 @@ class EKFAC(KFAC):
 
     Args:
         *args: As :class:`KFAC`.
-        **kwargs: As :class:`KFAC` (``fisher_type="forward-only"`` is not supported).
+        **kwargs: As :class:`KFAC`, including ``uncovered`` (``"error"``, ``"diagonal"`` or
+            ``"dense"``); ``fisher_type="forward-only"`` is not supported.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -55,10 +57,10 @@ class EKFAC(KFAC):
     def _eigencorrections(self, bases: dict[str, tuple[Array, Array]]) -> dict[str, Array]:
         """Return ``S`` per layer, summed over all batches (second pass over the data)."""
         backend, options = self._backend, self._build_options
-        rng = backend.random(options["seed"])
         totals: dict[str, Array] = {}
         with backend.preserved_state():
-            for batch in self._data.batches("EKFAC eigenvalues"):
+            batches = self._data.sampled_batches("EKFAC eigenvalues", options["seed"])
+            for batch, rng in batches:
                 corrections = backend.kronecker_eigencorrections(
                     batch,
                     self.layers,

@@ -19,8 +19,9 @@ class FisherMC(CurvatureOperator):
     ``d̂_{nm} = ∇_f ℓ(f_n, ŷ_{nm})`` with ``ŷ_{nm} ~ q(· | f_n)`` drawn from the
     likelihood whose negative log is the loss, ``M = mc_samples``. Since
     ``E[d̂ d̂ᵀ] = ∇²_f ℓ``, ``F̂`` is an unbiased estimate of the GGN and converges to it as
-    ``M`` grows. The samples are drawn afresh from ``seed`` in every product, in batch
-    order, so ``F̂`` is one fixed PSD matrix for a given ``seed`` and batching.
+    ``M`` grows. Example ``n``'s targets are drawn afresh in every product from a stream
+    keyed by ``seed`` and ``n``'s global position in the data, so ``F̂`` is one fixed PSD
+    matrix for a given ``seed``, whatever the split of the same examples into batches.
 
     Shapes: ``D`` parameter entries; ``F̂ @ v`` takes ``(D,)``, ``(D, k)`` or a list of
     tensors shaped like ``params``.
@@ -34,7 +35,7 @@ class FisherMC(CurvatureOperator):
     Args:
         *args: As :class:`~cola_curvature.operators._base.CurvatureOperator`.
         mc_samples: Number ``M`` of sampled targets per example.
-        seed: Seed of the private generator the targets are drawn from.
+        seed: Seed of the private streams the targets are drawn from.
         **kwargs: As :class:`~cola_curvature.operators._base.CurvatureOperator`.
 
     """
@@ -47,9 +48,9 @@ class FisherMC(CurvatureOperator):
         self._seed = seed
         super().__init__(*args, **kwargs)
 
-    def _rng_for_product(self) -> Any:
-        """Return a random source seeded with ``seed``, fresh for every product."""
-        return self._backend.random(self._seed)
+    def _sampling_seed(self) -> int:
+        """Return ``seed``: every product draws the same targets from it."""
+        return self._seed
 
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``(R / M) Σ_{n,m} J_nᵀ d̂_{nm} d̂_{nm}ᵀ J_n V`` on one batch."""

@@ -11,16 +11,20 @@ from cola.backends import get_library_fns
 from cola_curvature._checks import check_mc_samples
 from cola_curvature.backends import CurvatureBackend, curvature_backend
 from cola_curvature.operators._data import CurvatureData
-from cola_curvature.operators._interface import ParameterSpaceInterface
+from cola_curvature.operators.diagonal import DiagonalCurvature
 from cola_curvature.operators.empirical_fisher import EmpiricalFisher
 from cola_curvature.operators.fisher import FisherMC
 from cola_curvature.operators.ggn import GGN
 from cola_curvature.operators.kronecker import KroneckerBlock, KroneckerFactored
-from cola_curvature.options import FisherType, KFACApprox, parse_option
+from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
+from cola_curvature.options import FisherType, KFACApprox, Uncovered, parse_option
 
 Array = Any
 
-_UNCOVERED_CHOICES = ("error", "dense")
+#: The largest dense block ``uncovered="dense"`` builds: ``d² · itemsize`` bytes for ``d``
+#: uncovered entries. 2 GiB is ``d ≈ 16 000`` in float64 (``≈ 23 000`` in float32), a few
+#: per cent of a workstation's memory; above it ``uncovered="diagonal"`` is the choice.
+DENSE_BLOCK_LIMIT_BYTES = 2 * 1024**3
 
 
 def kronecker_factors(
@@ -36,15 +40,14 @@ def kronecker_factors(
 
     ``A = (1 / (N T)) Σ_{n,t} ã ãᵀ`` (expand) or ``(1 / N) Σ_n ā ā ᵀ`` (reduce);
     ``G = R Σ g gᵀ`` with the loss scaling ``R`` already applied per batch, or ``I`` for
-    ``forward-only``. Sampled targets (``mc``) come from one generator seeded with ``seed``
-    and consumed in batch order.
+    ``forward-only``. Sampled targets (``mc``) come from streams keyed by ``seed`` and each
+    example's global index (:meth:`CurvatureData.sampled_batches`), whatever the batching.
     """
-    rng = backend.random(seed)
     input_sums: dict[str, Array] = {}
     output_sums: dict[str, Array] = {}
     positions: dict[str, int] = {}
     with backend.preserved_state():
-        for batch in data.batches("KFAC factors"):
+        for batch, rng in data.sampled_batches("KFAC factors", seed):
             stats = backend.kronecker_statistics(
                 batch, layers, data.num_data, fisher_type, kfac_approx, mc_samples, rng
             )
@@ -94,7 +97,7 @@ def block_permutation(layer: Any, offsets: Sequence[int]) -> np.ndarray:
     return np.concatenate(columns, axis=1).reshape(-1)
 
 
-class KFAC(ParameterSpaceInterface, KroneckerFactored):
+class KFAC(ParameterKroneckerFactored):
     r"""KFAC: per layer ``C_l ≈ G_l ⊗ A_l`` (Martens & Grosse, 2015; Grosse & Martens, 2016).
 
     For a ``Linear`` or ``Conv2d`` layer ``s = W ã`` with augmented input ``ã = [a, 1]``
@@ -109,6 +112,12 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
     ``vec`` gives ``∇ vec(W) = g ⊗ ã``, so the block is ``G ⊗ A``; the operator is
     ``P · BlockDiag(G_l ⊗ A_l) · Pᵀ`` with ``P`` mapping blocks to the user's ``params`` order.
 
+    An embedding ``s = Wᵀ e_x`` (weight ``V × d``, one-hot input ``e_x``) is the same with
+    ``Wᵀ`` as the weight: its block is ``G ⊗ A`` on ``vec(Wᵀ)`` with the diagonal
+    ``A = diag(token counts) / (N T)``, stored as a vector (never ``V × V``); tokens never
+    seen (and a padding index) give zero rows, so the undamped block is singular. Under
+    ``reduce`` only the diagonal of the averaged one-hot moment is kept.
+
     Exact cases: a single example, and deep linear networks with MSE (per shared position for
     expand; with positions averaged before the loss for reduce), where it equals the GGN
     (type-2) or empirical Fisher (empirical) block.
@@ -119,26 +128,45 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
     dispatch rules invert, take logdet, eig, sqrt, trace and diag from the factors' eigen-
     decompositions, ``O(Σ_l out_l³ + in_l³)``. Annotation: ``PSD``.
 
+    A torch model needs no annotation either: its layers are the ``F.linear``,
+    ``F.conv2d`` (``groups=1``) and ``F.embedding`` calls whose weight (or bias) is one of
+    ``params``, recorded during a forward pass on the first example of ``data`` and on
+    two copies of it (see :mod:`cola_curvature.backends.torch.kfac`). This finds
+    ``nn.Linear``, ``nn.Conv2d`` (any ``padding_mode``), ``nn.Embedding`` and the weights
+    ``nn.MultiheadAttention`` calls functionally: its packed ``in_proj_weight``
+    (``3E × E``, with ``in_proj_bias``) is one block, one ``G`` over queries, keys and
+    values together, as nanoGPT's packed ``c_attn`` Linear; ``out_proj`` is another. A
+    weight used by several calls (tied or reused), and a call whose output all examples
+    share (a position table ``wpe(arange(T))``), are left uncovered.
+
     A JAX ``model_fn(params, x)`` needs no annotation: its layers are found in the traced
     program (a ``dot_general`` or ``conv_general_dilated`` whose weight is a parameter leaf,
-    with an optional bias leaf added right after; see
-    :mod:`cola_curvature.backends.jax.jaxpr_layers`), with the leading free axis of a layer
-    input as the example axis and any further free axes as shared positions ``T``.
+    with an optional bias leaf added right after, and a ``gather`` of whole rows of a 2-D
+    leaf, an embedding lookup ``W[x]``; see :mod:`cola_curvature.backends.jax.jaxpr_layers`),
+    with the leading free axis of a layer input as the example axis and any further free
+    axes as shared positions ``T``.
 
     Args:
-        model: The model; its ``Linear``/``Conv2d`` layers (``groups=1``) owning ``params``,
-            or a JAX ``model_fn`` (above).
+        model: The model: a torch module whose linear, conv2d and embedding calls use
+            ``params`` (above), or a JAX ``model_fn`` (above).
         loss_func: As for :class:`~cola_curvature.GGN`.
-        params: The parameters; each must belong to a supported layer unless
-            ``uncovered="dense"``.
+        params: The parameters; each must belong to a supported layer unless ``uncovered``
+            is ``"diagonal"`` or ``"dense"``.
         data: A re-iterable of ``(X, y)`` batches.
         fisher_type: ``"type-2"`` (default), ``"mc"``, ``"empirical"`` or ``"forward-only"``.
         kfac_approx: ``"expand"`` (default) or ``"reduce"``.
         mc_samples: Samples per example for ``"mc"``.
         seed: Seed of the sampled targets for ``"mc"``.
-        uncovered: ``"error"`` (default) raises for parameters no supported layer owns;
-            ``"dense"`` gives them one exact dense block of the matching curvature (GGN,
-            Monte-Carlo or empirical Fisher), ``O(d²)`` memory and ``d`` products to build.
+        uncovered: What parameters no supported layer owns get (norm scales and shifts,
+            position embeddings, ...); ``d`` is their number of entries. ``"error"``
+            (default) raises and names them. ``"diagonal"`` gives them the exact diagonal
+            of the matching curvature (GGN for type-2, Monte-Carlo Fisher with the same
+            ``seed`` and ``mc_samples`` for mc, empirical Fisher for empirical; see
+            :class:`~cola_curvature.DiagonalCurvature`) as one diagonal block, ``O(d)``
+            memory. ``"dense"`` gives them one exact dense block of that curvature,
+            ``O(d²)`` memory and ``d`` products to build; refused when ``d² · itemsize``
+            exceeds ``DENSE_BLOCK_LIMIT_BYTES`` (2 GiB). Neither fits
+            ``fisher_type="forward-only"``.
         num_data: Number of examples; counted when ``None``.
         batch_size_fn: ``X -> int`` for inputs that are not a single array.
         check_deterministic: Check that two passes over data and two forward passes agree.
@@ -158,7 +186,7 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
         kfac_approx: str | KFACApprox = "expand",
         mc_samples: int = 1,
         seed: int = 0,
-        uncovered: str = "error",
+        uncovered: str | Uncovered = "error",
         num_data: int | None = None,
         batch_size_fn: Any = None,
         check_deterministic: bool = True,
@@ -167,8 +195,7 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
     ) -> None:
         self.fisher_type = parse_option(FisherType, fisher_type, "fisher_type")
         self.kfac_approx = parse_option(KFACApprox, kfac_approx, "kfac_approx")
-        if uncovered not in _UNCOVERED_CHOICES:
-            raise ValueError(f"uncovered must be one of {_UNCOVERED_CHOICES}, got {uncovered!r}.")
+        self.uncovered = parse_option(Uncovered, uncovered, "uncovered")
         check_mc_samples(mc_samples)
         self._backend = curvature_backend(model, loss_func, params)
         data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar, distributed)
@@ -179,24 +206,20 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
         self._build_options = {"mc_samples": mc_samples, "seed": seed}
         self.layers = self._backend.kronecker_layers(data.source)
         missing = self._uncovered_indices()
-        if missing and uncovered == "error":
-            names, sizes = self._backend.param_names, self._backend.param_sizes
-            listed = ", ".join(f"params[{i}] ({names[i]!r}, {sizes[i]} entries)" for i in missing)
-            raise ValueError(
-                f"No supported layer (torch: Linear, Conv2d; JAX: a dot_general or "
-                f"conv_general_dilated with the leaf as its weight) owns {listed}; pass "
-                "uncovered='dense' for an exact dense block of them, or leave them out of params."
-            )
+        if missing:
+            self._check_uncovered(missing)
         factors = kronecker_factors(
             self._backend, self.layers, data, self.fisher_type, self.kfac_approx, mc_samples, seed
         )
         blocks = [KroneckerBlock(*factors[layer.name]) for layer in self.layers]
-        dense = None
         if missing:
-            dense = self._dense_block(loss_func, data, missing, mc_samples, seed)
-            xnp = get_library_fns(dense.dtype)
-            one = xnp.ones((1, 1), dtype=dense.dtype, device=xnp.get_device(dense))
-            blocks.append(KroneckerBlock(dense, one))
+            subset_options = {
+                "num_data": data.num_data,
+                "batch_size_fn": batch_size_fn,
+                "distributed": distributed,
+                "check_deterministic": False,
+            }
+            blocks.append(self._uncovered_block(loss_func, data.source, missing, subset_options))
         KroneckerFactored.__init__(self, blocks, self._permutation(missing, blocks))
 
     def _uncovered_indices(self) -> list[int]:
@@ -205,27 +228,64 @@ class KFAC(ParameterSpaceInterface, KroneckerFactored):
         covered |= {layer.bias_index for layer in self.layers}
         return [i for i in range(len(self._backend.param_sizes)) if i not in covered]
 
-    def _dense_block(
-        self, loss_func: Any, data: CurvatureData, missing: list[int], mc_samples: int, seed: int
-    ) -> Array:
-        """Return the exact curvature block of the uncovered parameters, densely."""
+    def _check_uncovered(self, missing: list[int]) -> None:
+        """Raise, before anything is built, unless ``uncovered`` can cover ``missing``."""
+        names, sizes = self._backend.param_names, self._backend.param_sizes
+        if self.uncovered is Uncovered.ERROR:
+            reasons = getattr(self._backend, "uncovered_reasons", {})
+            listed = ", ".join(
+                f"params[{i}] ({names[i]!r}, {sizes[i]} entries"
+                + (f"; {reasons[i]}" if i in reasons else "")
+                + ")"
+                for i in missing
+            )
+            raise ValueError(
+                "No supported layer (torch: a linear, conv2d or embedding call; JAX: a "
+                "dot_general, conv_general_dilated or row gather with the leaf as its weight) owns "
+                f"{listed}; pass uncovered='diagonal' for their exact curvature diagonal, "
+                "uncovered='dense' for an exact dense block of them, or leave them out of params."
+            )
+        if self.fisher_type is FisherType.FORWARD_ONLY:
+            raise ValueError(
+                f"uncovered={self.uncovered.value!r} needs a fisher_type with an output-space "
+                "matrix ('type-2', 'mc' or 'empirical'), not 'forward-only'."
+            )
+        if self.uncovered is Uncovered.DENSE:
+            size = sum(sizes[i] for i in missing)
+            needed = size**2 * self._backend.dtype.itemsize
+            if needed > DENSE_BLOCK_LIMIT_BYTES:
+                raise ValueError(
+                    f"uncovered='dense' would build a {size} x {size} block of the uncovered "
+                    f"parameters ({needed / 1024**3:.1f} GiB, above the limit of "
+                    f"{DENSE_BLOCK_LIMIT_BYTES / 1024**3:.1f} GiB); pass uncovered='diagonal' "
+                    "for their exact curvature diagonal instead."
+                )
+
+    def _uncovered_block(
+        self, loss_func: Any, source: Any, missing: list[int], options: dict[str, Any]
+    ) -> Any:
+        """Return the exact curvature block of the uncovered parameters, diagonal or dense."""
         model, subset = self._backend.parameter_subset(missing)
-        options = {"num_data": data.num_data, "check_deterministic": False}
-        source = data.source
+        sampling = {
+            "mc_samples": self._build_options["mc_samples"],
+            "seed": self._build_options["seed"],
+        }
+        if self.uncovered is Uncovered.DIAGONAL:
+            fisher_type = self.fisher_type
+            diagonal = DiagonalCurvature(
+                model, loss_func, subset, source, fisher_type=fisher_type, **sampling, **options
+            )
+            return diagonal.blocks[0]
         if self.fisher_type is FisherType.TYPE2:
             operator = GGN(model, loss_func, subset, source, **options)
         elif self.fisher_type is FisherType.MC:
-            operator = FisherMC(
-                model, loss_func, subset, source, mc_samples=mc_samples, seed=seed, **options
-            )
-        elif self.fisher_type is FisherType.EMPIRICAL:
-            operator = EmpiricalFisher(model, loss_func, subset, source, **options)
+            operator = FisherMC(model, loss_func, subset, source, **sampling, **options)
         else:
-            raise ValueError(
-                "uncovered='dense' needs a fisher_type with an output-space matrix "
-                "('type-2', 'mc' or 'empirical'), not 'forward-only'."
-            )
-        return operator.to_dense()
+            operator = EmpiricalFisher(model, loss_func, subset, source, **options)
+        dense = operator.to_dense()
+        xnp = get_library_fns(dense.dtype)
+        one = xnp.ones((1, 1), dtype=dense.dtype, device=xnp.get_device(dense))
+        return KroneckerBlock(dense, one)
 
     def _permutation(self, missing: list[int], blocks: Sequence[Any]) -> Array:
         """Return the user-order position of every block-order coordinate."""

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cola.annotations import PSD
-from cola.ops import BlockDiag, Dense, Kronecker, LinearOperator
+from cola.ops import BlockDiag, Dense, Diagonal, Kronecker, LinearOperator
 
 from cola_curvature._tracing import is_traced, known_nonnegative
 from cola_curvature.options import DampingMode, parse_option
@@ -17,13 +17,16 @@ Array = Any
 
 
 class KroneckerBlock(Kronecker):
-    """A block ``G ⊗ A`` with dense symmetric factors (row-major ``vec`` of an ``out × in`` matrix).
+    """A block ``G ⊗ A`` with symmetric factors (row-major ``vec`` of an ``out × in`` matrix).
 
     ``G`` (``out × out``) acts on the rows of a weight matrix and ``A`` (``in × in``) on its
-    columns: ``(G ⊗ A) vec(W) = vec(G W A)``. The factors' eigendecompositions are computed
-    on first use, in float64, and cached (``cost O(out³ + in³)``); a block derived from
-    another (:meth:`scaled`, :meth:`heuristically_damped`, :meth:`inverse`) derives them from
-    its parent's instead, through ``factor_eigh``, a function returning them.
+    columns: ``(G ⊗ A) vec(W) = vec(G W A)``. A factor is a dense matrix or, given as a 1-d
+    array ``d``, the diagonal matrix ``diag(d)`` (an embedding's token counts: never formed
+    densely; it is its own eigendecomposition, with the identity as eigenbasis). The dense
+    factors' eigendecompositions are computed on first use, in float64, and cached (cost
+    ``O(out³ + in³)``); a block derived from another (:meth:`scaled`,
+    :meth:`heuristically_damped`, :meth:`inverse`) derives them from its parent's instead,
+    through ``factor_eigh``, a function returning them.
     """
 
     def __init__(
@@ -32,20 +35,23 @@ class KroneckerBlock(Kronecker):
         input_factor: Array,
         factor_eigh: Callable[[], tuple[tuple[Array, Array], tuple[Array, Array]]] | None = None,
     ) -> None:
-        super().__init__(Dense(output_factor), Dense(input_factor))
+        super().__init__(_factor_operator(output_factor), _factor_operator(input_factor))
         self.output_factor = output_factor
         self.input_factor = input_factor
         self._factor_eigh_source = factor_eigh
         self._cache: dict[str, Any] = {}
 
-    def factor_eigh(self) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
-        """Return ``((λ_G, Q_G), (λ_A, Q_A))``, the factors' eigendecompositions (cached)."""
+    def factor_eigh(self) -> tuple[tuple[Array, Array | None], tuple[Array, Array | None]]:
+        """Return ``((λ_G, Q_G), (λ_A, Q_A))``, the factors' eigendecompositions (cached).
+
+        ``Q`` is ``None`` for a diagonal factor: its eigenbasis is the identity.
+        """
         if "factor_eigh" not in self._cache:
             source = self._factor_eigh_source
             self._cache["factor_eigh"] = (
                 source()
                 if source is not None
-                else (symmetric_eigh(self.output_factor), symmetric_eigh(self.input_factor))
+                else (_factor_eigh(self.output_factor), _factor_eigh(self.input_factor))
             )
         return self._cache["factor_eigh"]
 
@@ -72,13 +78,15 @@ class KroneckerBlock(Kronecker):
 
     def diagonal(self) -> Array:
         """Return ``diag(G) ⊗ diag(A)``."""
-        xnp = self.xnp
-        return xnp.kron(xnp.diag(self.output_factor), xnp.diag(self.input_factor))
+        return self.xnp.kron(
+            _factor_diagonal(self.output_factor), _factor_diagonal(self.input_factor)
+        )
 
     def trace(self) -> Array:
         """Return ``tr(G) · tr(A)``."""
-        xnp = self.xnp
-        return xnp.diag(self.output_factor).sum() * xnp.diag(self.input_factor).sum()
+        return (
+            _factor_diagonal(self.output_factor).sum() * _factor_diagonal(self.input_factor).sum()
+        )
 
     def scaled(self, factor: Array) -> KroneckerBlock:
         """Return ``(c G) ⊗ A``, sharing ``A`` and the eigenbasis (computed once, here).
@@ -103,16 +111,16 @@ class KroneckerBlock(Kronecker):
         """
         (values_out, q_out), (values_in, q_in) = self.factor_eigh()
         return KroneckerBlock(
-            (q_out / values_out) @ q_out.T,
-            (q_in / values_in) @ q_in.T,
+            _from_eigh(1 / values_out, q_out),
+            _from_eigh(1 / values_in, q_in),
             lambda: ((1 / values_out, q_out), (1 / values_in, q_in)),
         )
 
     def _matmat(self, X: Array) -> Array:
-        """Return ``vec(G W Aᵀ)`` for every column ``vec(W)`` of ``X``: two matrix products."""
+        """Return ``vec(G W A)`` for every column ``vec(W)`` of ``X``: two matrix products."""
         out, inp = self.output_factor.shape[0], self.input_factor.shape[0]
         columns = X.T.reshape(X.shape[1], out, inp)
-        result = self.output_factor @ columns @ self.input_factor.T
+        result = _left(self.output_factor, _right(columns, self.input_factor))
         return result.reshape(X.shape[1], out * inp).T
 
     def heuristically_damped(self, damping: float) -> KroneckerBlock:
@@ -122,15 +130,11 @@ class KroneckerBlock(Kronecker):
         are damped in proportion to their average eigenvalue. The damped factors keep the
         eigenvectors; their eigenvalues are shifted, so no new eigendecomposition is needed.
         """
-        xnp = self.xnp
         out, inp = self.output_factor.shape[0], self.input_factor.shape[0]
-        mean_out = xnp.diag(self.output_factor).sum() / out
-        mean_in = xnp.diag(self.input_factor).sum() / inp
+        mean_out = _factor_diagonal(self.output_factor).sum() / out
+        mean_in = _factor_diagonal(self.input_factor).sum() / inp
         pi = (mean_in / mean_out) ** 0.5
         root = damping**0.5
-        device = xnp.get_device(self.output_factor)
-        eye_out = xnp.eye(out, out, dtype=self.dtype, device=device)
-        eye_in = xnp.eye(inp, inp, dtype=self.dtype, device=device)
         shift_out, shift_in = root / pi, root * pi
 
         def factor_eigh() -> tuple[tuple[Array, Array], tuple[Array, Array]]:
@@ -138,10 +142,60 @@ class KroneckerBlock(Kronecker):
             return (values_out + shift_out, q_out), (values_in + shift_in, q_in)
 
         return KroneckerBlock(
-            self.output_factor + shift_out * eye_out,
-            self.input_factor + shift_in * eye_in,
+            _shifted_factor(self.output_factor, shift_out),
+            _shifted_factor(self.input_factor, shift_in),
             factor_eigh,
         )
+
+
+def _factor_operator(factor: Array) -> LinearOperator:
+    """Return a factor as a CoLA operator: ``Diagonal`` for a 1-d array, else ``Dense``."""
+    return Diagonal(factor) if factor.ndim == 1 else Dense(factor)
+
+
+def _factor_diagonal(factor: Array) -> Array:
+    """Return the diagonal of a factor (itself when the factor is stored as its diagonal)."""
+    return factor if factor.ndim == 1 else Dense(factor).xnp.diag(factor)
+
+
+def _factor_eigh(factor: Array) -> tuple[Array, Array | None]:
+    """Return ``(λ, Q)`` of a factor; a diagonal ``d`` is its own: ``(d, None)`` (``Q = I``)."""
+    return (factor, None) if factor.ndim == 1 else symmetric_eigh(factor)
+
+
+def _from_eigh(values: Array, basis: Array | None) -> Array:
+    """Return ``Q diag(λ) Qᵀ``, or the diagonal ``λ`` itself when ``Q`` is the identity."""
+    return values if basis is None else (basis * values) @ basis.T
+
+
+def _shifted_factor(factor: Array, shift: Array) -> Array:
+    """Return ``F + c I`` in the factor's own storage (dense or diagonal)."""
+    if factor.ndim == 1:
+        return factor + shift
+    xnp = Dense(factor).xnp
+    eye = xnp.eye(
+        factor.shape[0], factor.shape[0], dtype=factor.dtype, device=xnp.get_device(factor)
+    )
+    return factor + shift * eye
+
+
+def _left(factor: Array | None, X: Array) -> Array:
+    """Return ``F X`` for a dense or diagonal (1-d) ``F``; ``X`` for ``None`` (the identity)."""
+    if factor is None:
+        return X
+    return factor[:, None] * X if factor.ndim == 1 else factor @ X
+
+
+def _right(X: Array, factor: Array | None) -> Array:
+    """Return ``X F`` for a dense or diagonal (1-d) ``F``; ``X`` for ``None`` (the identity)."""
+    if factor is None:
+        return X
+    return X * factor if factor.ndim == 1 else X @ factor
+
+
+def _transposed(basis: Array | None) -> Array | None:
+    """Return ``Qᵀ`` (``None``, the identity, stays ``None``)."""
+    return None if basis is None else basis.T
 
 
 def symmetric_eigh(matrix: Array) -> tuple[Array, Array]:
@@ -164,14 +218,15 @@ class EigenKronecker(LinearOperator):
     ``S`` has shape ``(out, in)``: entry ``(i, j)`` is the eigenvalue of eigenvector
     ``q_{G,i} ⊗ q_{A,j}``. This is the form of an eigen-decomposed Kronecker block, of an
     EKFAC block (George et al., 2018), and of any spectral function of either. A product
-    costs four matrix products, ``O(out · in · (out + in))`` per column.
+    costs four matrix products, ``O(out · in · (out + in))`` per column. A basis given as
+    ``None`` is the identity (the eigenbasis of a diagonal factor), never formed.
     """
 
-    def __init__(self, q_out: Array, q_in: Array, eigenvalues: Array) -> None:
+    def __init__(self, q_out: Array | None, q_in: Array | None, eigenvalues: Array) -> None:
         self.q_out = q_out
         self.q_in = q_in
         self.eigenvalues = eigenvalues
-        size = q_out.shape[0] * q_in.shape[0]
+        size = eigenvalues.shape[0] * eigenvalues.shape[1]
         super().__init__(eigenvalues.dtype, (size, size))
 
     def map_spectrum(self, fn: Callable[[Array], Array]) -> EigenKronecker:
@@ -193,23 +248,28 @@ class EigenKronecker(LinearOperator):
     def _matmat(self, X: Array) -> Array:
         """Return the block times ``X`` through ``Q_G (S ⊙ (Q_Gᵀ X Q_A)) Q_Aᵀ`` per column.
 
-        A block with a ``1 × 1`` factor (a dense block, a bias) is one matrix product.
+        A block with a ``1 × 1`` factor (a dense block, a bias) is one matrix product. An
+        identity basis (``None``, from a diagonal factor) costs nothing.
         """
         out, inp = self.eigenvalues.shape
         if inp == 1:
-            scale = self.q_in[0, 0] ** 2
-            return self.q_out @ ((scale * self.eigenvalues) * (self.q_out.T @ X))
+            scale = 1 if self.q_in is None else self.q_in[0, 0] ** 2
+            rotated = _left(_transposed(self.q_out), X)
+            return _left(self.q_out, (scale * self.eigenvalues) * rotated)
         if out == 1:
-            scale = self.q_out[0, 0] ** 2
-            return self.q_in @ ((scale * self.eigenvalues.T) * (self.q_in.T @ X))
+            scale = 1 if self.q_out is None else self.q_out[0, 0] ** 2
+            rotated = _left(_transposed(self.q_in), X)
+            return _left(self.q_in, (scale * self.eigenvalues.T) * rotated)
         columns = X.T.reshape(X.shape[1], out, inp)
-        rotated = self.q_out.T @ columns @ self.q_in
-        result = self.q_out @ (self.eigenvalues * rotated) @ self.q_in.T
+        rotated = _left(_transposed(self.q_out), _right(columns, self.q_in))
+        result = _left(self.q_out, _right(self.eigenvalues * rotated, _transposed(self.q_in)))
         return result.reshape(X.shape[1], out * inp).T
 
     def diagonal(self) -> Array:
         """Return the diagonal, ``Σ_{ij} S_ij (Q_G)_{ri}² (Q_A)_{cj}²`` at entry ``(r, c)``."""
-        return ((self.q_out**2) @ self.eigenvalues @ (self.q_in**2).T).reshape(-1)
+        squares_out = None if self.q_out is None else self.q_out**2
+        squares_in = None if self.q_in is None else self.q_in.T**2
+        return _left(squares_out, _right(self.eigenvalues, squares_in)).reshape(-1)
 
     def trace(self) -> Array:
         """Return ``Σ S``."""
@@ -217,21 +277,77 @@ class EigenKronecker(LinearOperator):
 
     def eigenvector(self, index: int) -> Array:
         """Return ``q_{G,i} ⊗ q_{A,j}`` for the flat (row-major) eigenvalue ``index``."""
-        i, j = divmod(index, self.q_in.shape[0])
-        return self.xnp.kron(self.q_out[:, i], self.q_in[:, j])
+        out, inp = self.eigenvalues.shape
+        i, j = divmod(index, inp)
+        return self.xnp.kron(
+            self._basis_vector(self.q_out, i, out), self._basis_vector(self.q_in, j, inp)
+        )
+
+    def _basis_vector(self, basis: Array | None, index: int, size: int) -> Array:
+        """Return column ``index`` of a basis; the unit vector ``e_index`` for the identity."""
+        if basis is not None:
+            return basis[:, index]
+        return self.xnp.canonical(loc=index, shape=(size,), dtype=self.dtype, device=self.device)
+
+
+class DiagonalBlock(LinearOperator):
+    """A diagonal block ``diag(d)``: its own eigen-decomposition (eigenvectors ``e_i``)."""
+
+    def __init__(self, values: Array) -> None:
+        self.values = values
+        super().__init__(values.dtype, (values.shape[0], values.shape[0]))
+
+    def _matmat(self, X: Array) -> Array:
+        """Return ``d ⊙ X`` row-wise."""
+        return self.values[:, None] * X
+
+    def spectrum(self) -> Array:
+        """Return ``d``."""
+        return self.values
+
+    def map_spectrum(self, fn: Callable[[Array], Array]) -> DiagonalBlock:
+        """Return ``diag(f(d))``."""
+        return DiagonalBlock(fn(self.values))
+
+    def scaled(self, factor: Array) -> DiagonalBlock:
+        """Return ``diag(c d)``."""
+        return DiagonalBlock(factor * self.values)
+
+    def eigenvector(self, index: int) -> Array:
+        """Return the unit vector ``e_index``."""
+        xnp = self.xnp
+        return xnp.canonical(
+            loc=index, shape=self.values.shape, dtype=self.dtype, device=self.device
+        )
+
+    def eigen(self) -> DiagonalBlock:
+        """Return itself: a diagonal is its own eigen-form."""
+        return self
+
+    def heuristically_damped(self, damping: float) -> DiagonalBlock:
+        """Return ``diag(d + λ)``: a diagonal has no factors to split ``λ`` between."""
+        return DiagonalBlock(self.values + damping)
+
+    def diagonal(self) -> Array:
+        """Return ``d``."""
+        return self.values
+
+    def trace(self) -> Array:
+        """Return ``Σ d``."""
+        return self.values.sum()
 
 
 class KroneckerFactored(BlockDiag):
     """``P · BlockDiag(B_1, …, B_L) · Pᵀ`` with blocks whose spectrum is known in closed form.
 
-    Each block is a :class:`KroneckerBlock` ``G_l ⊗ A_l``, an :class:`EigenKronecker`, or
-    any operator with the same spectral methods: ``spectrum()`` (all eigenvalues, flat),
-    ``map_spectrum(f)`` (the block ``f(B)``, again such a block), ``scaled(c)``,
-    ``eigenvector(i)``, ``diagonal()`` and ``trace()``. The dispatch rules only use these.
-    ``permutation[j]`` is the position, in the user's parameter order, of coordinate ``j``
-    of the block-diagonal order, so the dense form is in the user's ``params`` order even
-    when a layer's weight and bias are not adjacent. Products cost the blocks' products
-    plus two gathers.
+    Each block is a :class:`KroneckerBlock` ``G_l ⊗ A_l``, an :class:`EigenKronecker`, a
+    :class:`DiagonalBlock` ``diag(d)``, or any operator with the same spectral methods:
+    ``spectrum()`` (all eigenvalues, flat), ``map_spectrum(f)`` (the block ``f(B)``, again
+    such a block), ``scaled(c)``, ``eigenvector(i)``, ``diagonal()`` and ``trace()``. The
+    dispatch rules only use these. ``permutation[j]`` is the position, in the user's
+    parameter order, of coordinate ``j`` of the block-diagonal order, so the dense form is
+    in the user's ``params`` order even when a layer's weight and bias are not adjacent.
+    Products cost the blocks' products plus two gathers.
     """
 
     def __init__(
@@ -285,17 +401,19 @@ class KroneckerFactored(BlockDiag):
 
         ``"exact"``: ``K + λ I``, every block ``(Q_G ⊗ Q_A)(S + λ)(Q_G ⊗ Q_A)ᵀ``.
         ``"heuristic"``: every ``G ⊗ A`` block becomes ``(G + √λ/π I) ⊗ (A + π√λ I)``
-        (Martens & Grosse, 2015); only for blocks that still hold their two factors.
+        (Martens & Grosse, 2015) and every diagonal block ``diag(d + λ)``; only for
+        operators whose blocks are all of these two kinds.
         """
         mode = parse_option(DampingMode, mode, "damping mode")
         if known_nonnegative(damping) is False or not _finite_or_traced(damping):
             raise ValueError(f"damping must be a finite non-negative number, got {damping}.")
         if mode is DampingMode.EXACT:
             return self.map_spectrum(lambda s: s + damping)
-        if not all(isinstance(block, KroneckerBlock) for block in self.blocks):
+        if not all(isinstance(block, (KroneckerBlock, DiagonalBlock)) for block in self.blocks):
             raise ValueError(
-                "heuristic damping needs blocks G ⊗ A with both factors (KFAC); this operator "
-                "has other blocks (eigen-corrected, diagonal, dense): use mode='exact'."
+                "heuristic damping needs blocks G ⊗ A with both factors (KFAC) or diagonal "
+                "blocks; this operator has eigen-form blocks (EKFAC, or already damped or "
+                "mapped): use mode='exact'."
             )
         return self.with_blocks([block.heuristically_damped(damping) for block in self.blocks])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,58 @@ from cola_curvature.losses import Loss
 from cola_curvature.options import FisherType, KFACApprox
 
 Array = Any
+
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """An embedding's inputs, the one-hot rows ``e_{x_{n,t}} ∈ R^V``, stored as the tokens ``x``.
+
+    ``indices`` and ``weights`` have shape ``(N, T)``; a weight is 1, or 0 where the token
+    is the padding index (whose row gets no gradient). ``segment_sum(values, ids, count)``
+    (the backend's scatter-add) returns ``(count, …)`` whose row ``k`` sums the rows of
+    ``values`` with id ``k``. No ``(N T) × V`` one-hot matrix is ever formed.
+    """
+
+    indices: Array
+    weights: Array
+    num_classes: int
+    segment_sum: Callable[[Array, Array, int], Array]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Return ``(N, T, V)``, the shape of the one-hot inputs."""
+        return (*self.indices.shape, self.num_classes)
+
+    def _same_token(self) -> Array:
+        """Return ``M_n[t, t'] = w_{n,t} w_{n,t'} [x_{n,t} = x_{n,t'}]``, shape ``(N, T, T)``."""
+        same = self.indices[:, :, None] == self.indices[:, None, :]
+        return same * (self.weights[:, :, None] * self.weights[:, None, :])
+
+    def second_moment(self, approx: KFACApprox) -> Array:
+        """Return the diagonal of ``Σ_{n,t} e eᵀ`` (expand) or of ``Σ_n ē_n ē_nᵀ`` (reduce).
+
+        Expand: the token counts, exactly (the moment is diagonal). Reduce, with
+        ``ē_n = (1/T) Σ_t e_{x_{n,t}}``: ``Σ_n c_{n,v}² / T²`` from the per-example counts
+        ``c_{n,v}``; the off-diagonal of that moment (tokens sharing an example) is dropped,
+        so the factor stays diagonal. ``c_{n,v}² = Σ_{t: x_{n,t} = v} Σ_{t'} M_n[t, t']``.
+        """
+        tokens = self.indices.reshape(-1)
+        if approx is KFACApprox.EXPAND:
+            return self.segment_sum(self.weights.reshape(-1), tokens, self.num_classes)
+        pairs = self._same_token().sum(-1).reshape(-1)
+        return self.segment_sum(pairs, tokens, self.num_classes) / self.indices.shape[1] ** 2
+
+    def squared_gradients(self, projected_grads: Array) -> Array:
+        """Return ``Σ_{n,c} (Σ_t w_{n,t} p_{c,n,t} e_{x_{n,t}}ᵀ)²`` (entrywise), ``(out, V)``.
+
+        ``p`` ``(C', N, T, out)`` are projected output gradients: this is EKFAC's ``S`` for a
+        diagonal input factor (identity basis). A token's squared sum is
+        ``Σ_{t,t'} M_n[t, t'] p_t ⊙ p_{t'}``, so ``r_{n,t} = Σ_c p_{c,n,t} ⊙ (M_n p_{c,n})_t``
+        summed per token gives it: memory ``O(C' N T out + N T²)``, never ``(N, V, out)``.
+        """
+        paired = (projected_grads * (self._same_token() @ projected_grads)).sum(0)
+        rows = paired.reshape(-1, paired.shape[-1])
+        return self.segment_sum(rows, self.indices.reshape(-1), self.num_classes).T
 
 
 def _second_moment(
@@ -23,7 +76,10 @@ def _second_moment(
     With ``example_major`` (``x`` stored example by example, as autograd returns output
     gradients) and at least as many positions ``T`` as features, the ``N`` per-example
     products ``x_nᵀ x_n`` are summed instead: no copy of ``x``, partial sums no larger.
+    Token inputs give the diagonal of their moment (:meth:`TokenInputs.second_moment`).
     """
+    if isinstance(x, TokenInputs):
+        return x.second_moment(approx)
     if approx is KFACApprox.REDUCE:
         x = x.mean(1) if reduce_op == "mean" else x.sum(1)
         return x.T @ x
@@ -88,7 +144,8 @@ def output_cotangents(
 class LayerSignals:
     """Per layer: inputs ``ã`` as ``(N, T, in [+1])`` and output gradients ``(C', N, T, out)``.
 
-    ``scale`` is the loss scaling ``R``; ``output_grads`` is ``None`` for forward-only.
+    An embedding's inputs are :class:`TokenInputs`. ``scale`` is the loss scaling ``R``;
+    ``output_grads`` is ``None`` for forward-only.
     """
 
     inputs: dict[str, Array]
@@ -127,13 +184,17 @@ def batch_eigencorrections(
     projected gradient is an outer product, ``(Q_Gᵀ g)(Q_Aᵀ ã)ᵀ``, so its square is the outer
     product of the squares: one ``(out × N) · (N × in)`` product after summing the squared
     output gradients over ``c``, never the ``(C', N, out, in)`` per-example gradients that
-    ``T > 1`` needs.
+    ``T > 1`` needs. An embedding's input factor is diagonal (``Q_A = I``): see
+    :meth:`TokenInputs.squared_gradients`.
     """
     corrections = {}
     for name, (q_out, q_in) in bases.items():
         a, g = signals.inputs[name], signals.output_grads[name]
-        projected_a = a @ q_in
         projected_g = g @ q_out
+        if isinstance(a, TokenInputs):
+            corrections[name] = signals.scale * a.squared_gradients(projected_g)
+            continue
+        projected_a = a @ q_in
         if a.shape[1] == 1:
             squares = (projected_g[:, :, 0] ** 2).sum(0).T @ projected_a[:, 0] ** 2
         else:

@@ -1,14 +1,22 @@
-"""``A + λI`` for a matrix-free curvature operator, as its own type so the rules recognise it."""
+"""Damped sums of curvature operators (``c A + λI``, ``Σ_i c_i A_i + λI``), as their own types.
+
+CoLA would build a ``Sum`` (or a ``Product`` with a ``ScalarMul``) whose rules densify
+(Cholesky, dense ``eigh``) or fall back to CoLA's CG; these types let the matrix-free
+rules of this library treat the combination as one symmetric operator.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cola.annotations import PSD, SelfAdjoint
 from cola.ops import LinearOperator
 
 from cola_curvature._tracing import is_traced, known_nonnegative
+from cola_curvature.algorithms import LanczosFunction
+from cola_curvature.matfree.functions import MatrixFunction
 from cola_curvature.matfree.solvers import IterativeInverse
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators._interface import ParameterSpaceInterface
@@ -51,12 +59,91 @@ class ShiftedCurvature(ParameterSpaceInterface, LinearOperator):
         """Return ``c A + (λ + shift) I``."""
         return ShiftedCurvature(self.base, self.shift + shift, self.scale)
 
+    def scaled(self, factor: Array) -> ShiftedCurvature:
+        """Return ``factor (c A + λ I) = (factor c) A + (factor λ) I``."""
+        return ShiftedCurvature(self.base, factor * self.shift, factor * self.scale)
+
     def __str__(self) -> str:
         return f"({float(self.scale):g} {self.base} + {float(self.shift):g} I)"
 
 
+class CurvatureSum(ParameterSpaceInterface, LinearOperator):
+    """``Σ_i c_i A_i + λ I`` over one model's parameters, kept matrix-free.
+
+    ``G + K``, ``2 G + λI``, ``K₁ + K₂ + λI`` (any curvature operators of this library
+    over the same parameters: matrix-free, Kronecker-factored, diagonal) build it through
+    ``+`` and ``*``. A product costs one product with each term. The matrix-free rules
+    apply: ``inv`` by CG (``PSD``) or MINRES, ``logdet`` by SLQ, ``eig`` by Lanczos,
+    ``sqrt``/``isqrt`` by Lanczos; ``trace`` and ``diag`` add the terms' own results (exact
+    for structured terms, estimated for matrix-free ones). ``PSD`` when every term is
+    ``PSD`` and every ``c_i, λ ≥ 0``; otherwise ``SelfAdjoint``.
+
+    Args:
+        terms: Pairs ``(c_i, A_i)``.
+        shift: ``λ``.
+
+    Raises:
+        ValueError: when the terms act on spaces of different sizes or backends.
+    """
+
+    def __init__(self, terms: Sequence[tuple[Array, LinearOperator]], shift: Array = 0.0) -> None:
+        first = terms[0][1]
+        for _, term in terms[1:]:
+            if term.shape != first.shape or type(term._backend) is not type(first._backend):
+                raise ValueError(
+                    f"cannot add {term} ({term.shape[0]} parameters, "
+                    f"{type(term._backend).__name__}) to {first} ({first.shape[0]} "
+                    f"parameters, {type(first._backend).__name__}): curvature operators "
+                    "add only over the same parameters of the same backend."
+                )
+        for coefficient in (shift, *(c for c, _ in terms)):
+            if not is_traced(coefficient) and not math.isfinite(float(coefficient)):
+                raise ValueError(f"coefficients must be finite numbers, got {coefficient}.")
+        self.terms = tuple(terms)
+        self.shift = shift
+        self._backend = first._backend
+        positive = known_nonnegative(shift) and all(
+            A.isa(PSD) and known_nonnegative(c) for c, A in terms
+        )
+        super().__init__(first.dtype, first.shape, annotations={PSD if positive else SelfAdjoint})
+
+    @classmethod
+    def of(cls, *operators: LinearOperator) -> CurvatureSum:
+        """Return the sum of curvature operators, flattening nested sums and shifts."""
+        terms: list[tuple[Array, LinearOperator]] = []
+        shift = 0.0
+        for A in operators:
+            if isinstance(A, CurvatureSum):
+                terms.extend(A.terms)
+                shift = shift + A.shift
+            elif isinstance(A, ShiftedCurvature):
+                terms.append((A.scale, A.base))
+                shift = shift + A.shift
+            else:
+                terms.append((1.0, A))
+        return cls(terms, shift)
+
+    def _matmat(self, X: Array) -> Array:
+        total = self.shift * X
+        for c, A in self.terms:
+            total = total + c * A._matmat(X)
+        return total
+
+    def damped(self, shift: Array) -> CurvatureSum:
+        """Return ``Σ_i c_i A_i + (λ + shift) I``."""
+        return CurvatureSum(self.terms, self.shift + shift)
+
+    def scaled(self, factor: Array) -> CurvatureSum:
+        """Return ``Σ_i (factor c_i) A_i + (factor λ) I``."""
+        return CurvatureSum([(factor * c, A) for c, A in self.terms], factor * self.shift)
+
+    def __str__(self) -> str:
+        parts = [f"{float(c):g} {A}" for c, A in self.terms]
+        return "(" + " + ".join([*parts, f"{float(self.shift):g} I"]) + ")"
+
+
 #: The operators the matrix-free rules apply to.
-MatrixFreeCurvature = CurvatureOperator | ShiftedCurvature
+MatrixFreeCurvature = CurvatureOperator | ShiftedCurvature | CurvatureSum
 
 
 class CurvatureInverse(ParameterSpaceInterface, IterativeInverse):
@@ -68,3 +155,14 @@ class CurvatureInverse(ParameterSpaceInterface, IterativeInverse):
     def __init__(self, A: MatrixFreeCurvature, alg: Any) -> None:
         self._backend = A._backend
         super().__init__(A, alg)
+
+
+class CurvatureFunction(ParameterSpaceInterface, MatrixFunction):
+    """:class:`~cola_curvature.matfree.functions.MatrixFunction` ``f(A)`` of a curvature operator.
+
+    Accepts the same input formats as the operator (``(D,)``, ``(D, k)``, parameter-shaped).
+    """
+
+    def __init__(self, A: LinearOperator, f: Callable[[Array], Array], alg: LanczosFunction):
+        self._backend = A._backend
+        super().__init__(A, f, alg)

@@ -10,8 +10,8 @@ from cola.backends import get_library_fns
 
 from cola_curvature.backends import curvature_backend
 from cola_curvature.operators._data import CurvatureData
-from cola_curvature.operators._interface import ParameterSpaceInterface
 from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
 from cola_curvature.operators.symmetry_blocks import averaged_block, gradient_statistics
 from cola_curvature.options import SymmetryGroup, parse_option
 
@@ -95,7 +95,7 @@ def _partition(names: Sequence[str], groups: Any) -> list[Part]:
     return parts
 
 
-class SymmetryCurvature(ParameterSpaceInterface, KroneckerFactored):
+class SymmetryCurvature(ParameterKroneckerFactored):
     r"""``C = P · ⊕_b E_h[ρ_b(h) g_b g_bᵀ ρ_b(h)ᵀ] · Pᵀ``: gradients averaged over symmetries.
 
     Each block ``b`` is one parameter, or several listed together (a layer's weight and

@@ -14,7 +14,7 @@ import numpy as np
 from cola_curvature._checks import check_array_library
 from cola_curvature._tracing import is_traced
 from cola_curvature.backends.jax import kfac, products
-from cola_curvature.backends.jax.state import JaxRandom
+from cola_curvature.backends.jax.state import JaxExampleRandom, JaxRandom
 from cola_curvature.losses import SUPPORTED_LOSSES, Loss
 from cola_curvature.options import FisherType, KFACApprox
 
@@ -127,17 +127,16 @@ class JaxBackend:
         columns: list[Array],
         batch: tuple[Any, Any],
         output_matmat: Callable,
-        rng: JaxRandom | None,
+        rng: JaxExampleRandom | None,
     ) -> list[Array]:
         """Return ``Jᵀ M J V`` on one batch (see :func:`products.gauss_newton_matmat`)."""
         inputs, targets = batch
-        key = None if rng is None else rng.next_key()
         result = self._gauss_newton(
             self._params,
             self._treedef.unflatten(columns),
             inputs,
             targets,
-            key,
+            rng,
             output_matmat=output_matmat,
         )
         return self._treedef.flatten_up_to(result)
@@ -154,6 +153,11 @@ class JaxBackend:
         """Raise (see :meth:`check_process_group`)."""
         self.check_process_group()
         return [count]
+
+    def process_rank(self) -> int:
+        """Raise (see :meth:`check_process_group`)."""
+        self.check_process_group()
+        return 0
 
     def check_same_parameters(self) -> None:
         """Raise (see :meth:`check_process_group`)."""
@@ -196,7 +200,7 @@ class JaxBackend:
         num_data: int,
         fisher_type: Any,
         mc_samples: int,
-        rng: JaxRandom,
+        rng: JaxExampleRandom,
     ) -> Array:
         """Return one batch's ``R Σ_{n,c} (J_nᵀ u_{n,c})²``, flat: the exact curvature diagonal.
 
@@ -206,9 +210,9 @@ class JaxBackend:
         (:func:`products.squared_cotangent_gradients`, compiled once per batch shape).
         """
         inputs, targets = batch
-        key = rng.next_key() if fisher_type == "mc" else None
+        rng = rng if fisher_type is FisherType.MC else None
         squares = self._squared_gradients(
-            self._params, inputs, targets, key, fisher_type=fisher_type, mc_samples=mc_samples
+            self._params, inputs, targets, rng, fisher_type=fisher_type, mc_samples=mc_samples
         )
         flat = jnp.concatenate([s.reshape(-1) for s in self._treedef.flatten_up_to(squares)])
         outputs = jax.eval_shape(self._model_fn, self._params, inputs)
@@ -255,14 +259,14 @@ class JaxBackend:
         fisher_type: FisherType,
         kfac_approx: KFACApprox,
         mc_samples: int,
-        rng: JaxRandom,
+        rng: JaxExampleRandom,
     ) -> Any:
         """Return one batch's unnormalised KFAC factor statistics per layer (compiled)."""
         inputs, targets = batch
         options = self._signal_options(layers, num_data, fisher_type, mc_samples)
-        key = rng.next_key() if fisher_type is FisherType.MC else None
+        rng = rng if fisher_type is FisherType.MC else None
         return kfac.kronecker_statistics(
-            self._params, inputs, targets, key, options=options, kfac_approx=kfac_approx
+            self._params, inputs, targets, rng, options=options, kfac_approx=kfac_approx
         )
 
     def kronecker_eigencorrections(
@@ -272,15 +276,15 @@ class JaxBackend:
         num_data: int,
         fisher_type: FisherType,
         mc_samples: int,
-        rng: JaxRandom,
+        rng: JaxExampleRandom,
         bases: dict[str, tuple[Array, Array]],
     ) -> dict[str, Array]:
         """Return one batch's EKFAC eigenvalue corrections per layer (compiled)."""
         inputs, targets = batch
         options = self._signal_options(layers, num_data, fisher_type, mc_samples)
-        key = rng.next_key() if fisher_type is FisherType.MC else None
+        rng = rng if fisher_type is FisherType.MC else None
         return kfac.kronecker_eigencorrections(
-            self._params, inputs, targets, key, bases, options=options
+            self._params, inputs, targets, rng, bases, options=options
         )
 
     def parameter_subset(self, indices: Sequence[int]) -> tuple[Callable, list[Array]]:
@@ -428,3 +432,7 @@ class JaxBackend:
     def random(self, seed: int) -> JaxRandom:
         """Return a random source over its own ``jax.random`` key, seeded with ``seed``."""
         return JaxRandom.seeded(seed)
+
+    def example_random(self, seed: int, first_example: int) -> JaxExampleRandom:
+        """Return the per-example keyed source of a batch starting at ``first_example``."""
+        return JaxExampleRandom.seeded(seed, first_example)

@@ -1,13 +1,14 @@
-"""Dense and convolution layers found in the jaxpr of a ``model_fn``, and a replay that taps them.
+"""Dense, convolution and embedding layers found in the jaxpr of a ``model_fn``, and a replay.
 
 A layer is a ``dot_general`` or ``conv_general_dilated`` whose weight operand is a parameter
 leaf (possibly rearranged by ``transpose``/``reshape``), optionally followed by an ``add`` of
 a bias leaf (possibly through ``broadcast_in_dim``/``reshape``/``squeeze``) along the output
 features, possibly after ``transpose``s of the output (``jax.vmap`` of a per-example
-``W @ x + b`` computes ``(W @ xᵀ)ᵀ + b``). Calls of nested
-jaxprs (``jit``, ``closed_call``, ``checkpoint``) are followed; every other primitive that
-consumes a leaf (including ``custom_jvp_call``, ``scan``, elementwise maths) is a use of that
-leaf outside any layer.
+``W @ x + b`` computes ``(W @ xᵀ)ᵀ + b``). An embedding is a ``gather`` of whole rows of a
+2-D leaf (``W[x]``, see :mod:`~cola_curvature.backends.jax.jaxpr_embeddings`), without a
+bias. Calls of nested jaxprs (``jit``, ``closed_call``, ``checkpoint``) are followed; every
+other primitive that consumes a leaf (including ``custom_jvp_call``, ``scan``, elementwise
+maths, any other ``gather``) is a use of that leaf outside any layer.
 """
 
 from __future__ import annotations
@@ -22,11 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, JaxprEqn, Literal, Var
 
+from cola_curvature.backends.jax.jaxpr_embeddings import clamps_indices, gathers_rows, token_inputs
+from cola_curvature.operators.kronecker_statistics import TokenInputs
+
 Array = Any
 Path = tuple[int, ...]
 
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "call", "checkpoint", "remat"})
 _REARRANGEMENTS = frozenset({"transpose", "reshape", "broadcast_in_dim", "squeeze"})
+_DENSE_USE = "a dot_general (dense layer)"
+_CONV_USE = "a conv_general_dilated (convolution layer)"
+_EMBEDDING_USE = "a gather of whole rows (embedding layer)"
+_LAYER_USES = frozenset({_DENSE_USE, _CONV_USE})
 
 
 @dataclass
@@ -36,9 +44,11 @@ class Site:
     ``weight_positions[o, i]`` is the flat position in the weight leaf of the entry that
     multiplies input feature ``i`` into output feature ``o``; for a convolution, ``i`` runs
     over ``(in_channel, *filter)`` as :func:`jax.lax.conv_general_dilated_patches` orders
-    its features. ``output_permutation`` (when the bias is added after ``transpose``s of the
-    layer's output) gives, for each axis of the value at ``output_path``, the axis of the
-    ``op_path`` output it came from.
+    its features; for an embedding (a ``V × d`` table ``W``, ``s = Wᵀ e_x``), ``o`` runs over
+    ``d`` and ``i`` over the ``V`` rows. ``output_permutation`` (when the bias is added after
+    ``transpose``s of the layer's output) gives, for each axis of the value at
+    ``output_path``, the axis of the ``op_path`` output it came from. ``clip_indices``: the
+    embedding's gather clamps out-of-range indices instead of dropping them.
     """
 
     kind: str
@@ -53,9 +63,16 @@ class Site:
     conv: dict[str, Any] = field(default_factory=dict)
     bias: int | None = None
     output_permutation: tuple[int, ...] | None = None
+    clip_indices: bool = False
 
-    def canonical_inputs(self, a: Array) -> Array:
-        """Return the layer input as ``(N, T, in)``: conv inputs as patches."""
+    def canonical_inputs(self, a: Array) -> Array | TokenInputs:
+        """Return the layer input as ``(N, T, in)``: conv inputs as patches.
+
+        An embedding's indices become :class:`TokenInputs` (no bias: ``_augment`` keeps them).
+        """
+        if self.kind == "embedding":
+            num_classes = self.weight_positions.shape[1]
+            return token_inputs(a, num_classes, self.clip_indices, self.output_aval.dtype)
         if self.kind == "dense":
             a = jnp.moveaxis(a, self.contracting, -1)
             return a.reshape(a.shape[0], -1, a.shape[-1])
@@ -66,7 +83,7 @@ class Site:
         """Return output gradients ``(C', *output.shape)`` as ``(C', N, T, out)``."""
         if self.output_permutation is not None:  # back to the op's output layout
             g = jnp.transpose(g, (0, *(1 + np.argsort(self.output_permutation))))
-        if self.kind == "dense":
+        if self.kind != "conv":
             g = jnp.moveaxis(g, 1 + self.out_axis, -1)
             return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
         return self._positions_last(g, 1)
@@ -91,8 +108,9 @@ class _Leaf:
 class _Output:
     """A value that is the output of ``site`` (``biased`` once its bias has been added).
 
-    ``permutation[k]`` is the axis of the op's output that axis ``k`` of this value is
-    (``None``: the op's output itself).
+    An embedding's output is ``biased`` from the start: it takes no bias, as torch's
+    ``F.embedding``. ``permutation[k]`` is the axis of the op's output that axis ``k`` of
+    this value is (``None``: the op's output itself).
     """
 
     site: Site
@@ -229,6 +247,8 @@ class LayerSearch:
             found = self._dense(eqn, ins, here)
         elif name == "conv_general_dilated":
             found = self._conv(eqn, ins, here)
+        elif name == "gather":
+            found = self._embedding(eqn, ins, here)
         elif name == "add":
             found = self._bias(eqn, ins, here, counts)
         if found is not None:
@@ -274,7 +294,7 @@ class LayerSearch:
                 output_aval=eqn.outvars[0].aval,
                 contracting=contracting[activation][0],
             )
-            return self._add_site(site, "a dot_general (dense layer)")
+            return self._add_site(site, _DENSE_USE)
         return None
 
     def _conv(self, eqn: JaxprEqn, ins: list[Any], here: Path) -> _Output | None:
@@ -313,13 +333,31 @@ class LayerSearch:
                 "dimension_numbers": canonical,
             },
         )
-        return self._add_site(site, "a conv_general_dilated (convolution layer)")
+        return self._add_site(site, _CONV_USE)
+
+    def _embedding(self, eqn: JaxprEqn, ins: list[Any], here: Path) -> _Output | None:
+        """Recognise ``W[x]``: a ``gather`` of whole rows of a 2-D leaf ``W`` at indices ``x``."""
+        table, indices = ins
+        if not self._weight(table) or isinstance(indices, _Leaf) or not gathers_rows(eqn):
+            return None
+        site = Site(
+            kind="embedding",
+            weight=table.leaf,
+            weight_positions=table.index.T,  # the block is on Wᵀ: (d, V)
+            op_path=here,
+            output_path=here,
+            activation=1,
+            out_axis=eqn.outvars[0].aval.ndim - 1,
+            output_aval=eqn.outvars[0].aval,
+            clip_indices=clamps_indices(eqn),
+        )
+        return self._add_site(site, _EMBEDDING_USE)
 
     def _add_site(self, site: Site, use: str) -> _Output:
         """Record a new layer site and its weight's use."""
         self.sites.append(site)
         self.uses[site.weight].append(use)
-        return _Output(site, biased=False)
+        return _Output(site, biased=site.kind == "embedding")
 
     def _transposed(self, eqn: JaxprEqn, ins: list[Any], counts: Counter) -> _Output | None:
         """Follow an unbiased layer output (used only here) through a ``transpose``."""
@@ -352,25 +390,39 @@ class LayerSearch:
                 return _Output(site, biased=True)
         return None
 
-    def check_ownership(self) -> None:
-        """Raise ``ValueError`` naming a layer's leaf that is also used anywhere else."""
+    def owned_sites(self) -> list[Site]:
+        """Return the sites whose leaves no other operation uses.
+
+        A weight also used elsewhere (an lm-head tied to a token embedding: one embedding
+        ``gather`` and one ``dot_general`` of the same leaf; a table looked up twice) is not
+        a Kronecker layer: factors of one use would describe part of the curvature. Its
+        sites are dropped and its leaves stay uncovered, as the torch backend does with a
+        weight used in two calls.
+
+        Raises:
+            ValueError: naming a leaf that two dense or conv layers use (a layer called twice).
+        """
+        owned = []
         for site in self.sites:
-            for leaf in (site.weight, site.bias):
-                if leaf is not None and len(self.uses[leaf]) > 1:
+            leaves = [leaf for leaf in (site.weight, site.bias) if leaf is not None]
+            for leaf in leaves:
+                if sum(use in _LAYER_USES for use in self.uses[leaf]) > 1:
                     raise ValueError(
                         f"params leaf {self.names[leaf]} is used {len(self.uses[leaf])} times "
                         f"in model_fn ({', '.join(self.uses[leaf])}); KFAC needs each dense or "
                         "conv layer's weight and bias used by that layer only, once. Share a "
                         "layer over positions with one call on a sequence axis, or use cc.GGN."
                     )
+            if all(len(self.uses[leaf]) == 1 for leaf in leaves):
+                owned.append(site)
+        return owned
 
 
 def find_sites(jaxpr: Jaxpr, names: Sequence[str], sizes: Sequence[int]) -> list[Site]:
-    """Return the layer sites of ``jaxpr`` in program order, after checking ownership."""
+    """Return the layer sites of ``jaxpr`` that own their leaves, in program order."""
     search = LayerSearch(names, sizes)
     search.run(jaxpr)
-    search.check_ownership()
-    return search.sites
+    return search.owned_sites()
 
 
 def replay(

@@ -1,8 +1,9 @@
-"""KFAC statistics of the dense and convolution layers of a JAX ``model_fn`` (found in its jaxpr).
+"""KFAC statistics of the dense, convolution and embedding layers of a JAX ``model_fn``.
 
-Convention: a layer's input has its example axis as the leading free axis (the first axis
-not contracted with the weight; the batch axis of a convolution); further free axes are
-shared positions ``T`` (sequence entries, pixels), as for a torch ``Linear`` on a sequence.
+The layers are found in its jaxpr. Convention: a layer's input has its example axis as the
+leading free axis (the first axis not contracted with the weight; the batch axis of a
+convolution; the first axis of an embedding's indices); further free axes are shared
+positions ``T`` (sequence entries, pixels, tokens), as for a torch ``Linear`` on a sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cola_curvature.backends.jax.jaxpr_layers import Site, find_sites, replay
-from cola_curvature.backends.jax.state import JaxRandom
+from cola_curvature.backends.jax.state import JaxExampleRandom
 from cola_curvature.losses import Loss
 from cola_curvature.operators.kronecker_statistics import (
     BatchStatistics,
@@ -42,16 +43,18 @@ jax.tree_util.register_pytree_node(
 
 @dataclass(frozen=True)
 class JaxKroneckerLayer:
-    """A ``dot_general`` or ``conv_general_dilated`` layer whose weight (and bias) are leaves.
+    """A ``dot_general``, ``conv_general_dilated`` or embedding ``gather`` on leaves.
 
-    The interface matches the torch backend's ``KroneckerLayer``: ``weight_index`` and
-    ``bias_index`` are leaf positions in flat ``params`` order; ``weight_positions[o, i]`` is
-    the flat position inside the weight leaf of block entry ``(o, i)`` (for a flax
-    ``(in, out)`` kernel the transpose of a row-major grid; for a conv kernel the kernel's
-    indices ordered ``(out, in, *filter)``).
+    The interface matches the torch backend's ``KroneckerLayer``: ``kind`` is ``"dense"``,
+    ``"conv"`` or ``"embedding"``; ``weight_index`` and ``bias_index`` are leaf positions in
+    flat ``params`` order; ``weight_positions[o, i]`` is the flat position inside the weight
+    leaf of block entry ``(o, i)`` (for a flax ``(in, out)`` kernel the transpose of a
+    row-major grid; for a conv kernel the kernel's indices ordered ``(out, in, *filter)``;
+    for an embedding table ``W`` (``V × d``) the grid of ``Wᵀ``, as in torch).
     """
 
     name: str
+    kind: str
     weight_index: int
     bias_index: int | None
     out_features: int
@@ -77,19 +80,57 @@ def _sites(model_fn: ModelFn, params: PyTree, names: Sequence[str], inputs: Any)
     return closed, jax.tree_util.tree_leaves((leaves, inputs)), sites
 
 
+def _one_more_example(inputs: Any) -> Any:
+    """Return ``inputs`` as abstract arrays with one more entry along each leading axis."""
+
+    def grown(x: Any) -> Any:
+        if isinstance(x, (jax.Array, np.ndarray)) and x.ndim > 0:
+            return jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), x.dtype)
+        return x
+
+    return jax.tree_util.tree_map(grown, inputs)
+
+
+def _lookups_per_example(
+    model_fn: ModelFn, params: PyTree, names: Sequence[str], inputs: Any, sites: list[Site]
+) -> list[Site]:
+    """Return ``sites`` without the embeddings whose lookups are not one per example.
+
+    A table that all examples share (positions ``W[arange(T)]``, a flax ``nn.Embed`` on
+    ``jnp.arange(T)``) is no Kronecker layer, as in torch: the leading axis of its indices
+    does not grow with the batch. ``model_fn`` is traced again, abstractly, on one more
+    example; an embedding stays when the leading axis of its indices grew by one.
+    """
+    if all(site.kind != "embedding" for site in sites):
+        return sites
+    _, _, grown = _sites(model_fn, params, names, _one_more_example(inputs))
+    rows = {site.weight: site.output_aval.shape[0] for site in grown if site.kind == "embedding"}
+    return [
+        site
+        for site in sites
+        if site.kind != "embedding" or rows.get(site.weight) == site.output_aval.shape[0] + 1
+    ]
+
+
 def kronecker_layers(
     model_fn: ModelFn, params: PyTree, names: Sequence[str], inputs: Any
 ) -> list[JaxKroneckerLayer]:
     """Return the layers of ``model_fn`` traced on ``inputs``, in program order.
 
+    A leaf that another operation uses too (a tied lm-head, any other primitive) is left
+    out (see :meth:`~cola_curvature.backends.jax.jaxpr_layers.LayerSearch.owned_sites`), and
+    so is a table whose lookups are not one per example (:func:`_lookups_per_example`).
+
     Raises:
-        ValueError: when a layer's weight or bias leaf is used anywhere else (a second
-            layer, twice, any other primitive), or a convolution is grouped or transposed.
+        ValueError: when a dense or conv layer's weight or bias leaf is used by a second such
+            layer, or a convolution is grouped or transposed.
     """
     _, _, sites = _sites(model_fn, params, names, inputs)
+    sites = _lookups_per_example(model_fn, params, names, inputs, sites)
     return [
         JaxKroneckerLayer(
             name=names[site.weight],
+            kind=site.kind,
             weight_index=site.weight,
             bias_index=site.bias,
             out_features=site.weight_positions.shape[0],
@@ -101,17 +142,20 @@ def kronecker_layers(
 
 
 def _matched(sites: Sequence[Site], layers: Sequence[JaxKroneckerLayer]) -> list[Site]:
-    """Return the site of each layer, raising if this trace found different layers."""
-    by_weight = {site.weight: site for site in sites}
-    found = {(site.weight, site.bias) for site in sites}
-    expected = {(layer.weight_index, layer.bias_index) for layer in layers}
-    if found != expected:
+    """Return the site of each layer in this trace, raising if one is missing.
+
+    Other sites (one the first batch left out, such as a table all examples share) are
+    not layers and stay out.
+    """
+    by_key = {(site.kind, site.weight, site.bias): site for site in sites}
+    keys = [(layer.kind, layer.weight_index, layer.bias_index) for layer in layers]
+    missing = [layer.name for layer, key in zip(layers, keys, strict=True) if key not in by_key]
+    if missing:
         raise ValueError(
-            "model_fn has different dense/conv layers on this batch than on the first one "
-            f"(weight, bias leaf indices {sorted(found, key=str)} vs {sorted(expected, key=str)}); "
-            "KFAC needs the same layers for every batch."
+            f"model_fn has no layer on {', '.join(missing)} on this batch (found on the first "
+            "one); KFAC needs the same layers for every batch."
         )
-    return [by_weight[layer.weight_index] for layer in layers]
+    return [by_key[key] for key in keys]
 
 
 @dataclass(frozen=True)
@@ -133,7 +177,11 @@ class SignalOptions:
 
 
 def layer_signals(
-    options: SignalOptions, params: PyTree, inputs: Any, targets: Array, key: Array | None
+    options: SignalOptions,
+    params: PyTree,
+    inputs: Any,
+    targets: Array,
+    rng: JaxExampleRandom | None,
 ) -> LayerSignals:
     """Return every layer's inputs and backpropagated output gradients on one batch.
 
@@ -165,7 +213,6 @@ def layer_signals(
     scale = loss.scale(outputs, options.num_data)
     if fisher_type is FisherType.FORWARD_ONLY:
         return LayerSignals(layer_inputs, None, scale)
-    rng = None if key is None else JaxRandom(key)
     cotangents = output_cotangents(loss, outputs, targets, fisher_type, options.mc_samples, rng)
     grads = jax.vmap(lambda u: pullback(u)[0])(cotangents)
     output_grads = {
@@ -180,13 +227,13 @@ def kronecker_statistics(
     params: PyTree,
     inputs: Any,
     targets: Array,
-    key: Array | None,
+    rng: JaxExampleRandom | None,
     *,
     options: SignalOptions,
     kfac_approx: KFACApprox,
 ) -> BatchStatistics:
     """Return one batch's unnormalised factor statistics, compiled once per batch shape."""
-    signals = layer_signals(options, params, inputs, targets, key)
+    signals = layer_signals(options, params, inputs, targets, rng)
     return batch_statistics(signals, kfac_approx)
 
 
@@ -195,10 +242,10 @@ def kronecker_eigencorrections(
     params: PyTree,
     inputs: Any,
     targets: Array,
-    key: Array | None,
+    rng: JaxExampleRandom | None,
     bases: dict[str, tuple[Array, Array]],
     *,
     options: SignalOptions,
 ) -> dict[str, Array]:
     """Return one batch's EKFAC eigenvalue corrections, compiled once per batch shape."""
-    return batch_eigencorrections(layer_signals(options, params, inputs, targets, key), bases)
+    return batch_eigencorrections(layer_signals(options, params, inputs, targets, rng), bases)

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from cola_curvature.backends.jax.state import JaxRandom
+from cola_curvature.backends.jax.state import JaxExampleRandom
 from cola_curvature.losses import Loss
 from cola_curvature.operators import kronecker_statistics as statistics
 from cola_curvature.options import FisherType
@@ -30,20 +30,19 @@ def gauss_newton_matmat(
     columns: PyTree,
     inputs: Any,
     targets: Array,
-    key: Array | None,
-    output_matmat: Callable[[Array, Array, Array, JaxRandom | None], Array],
+    rng: JaxExampleRandom | None,
+    output_matmat: Callable[[Array, Array, Array, JaxExampleRandom | None], Array],
 ) -> PyTree:
     """Return ``Jᵀ M J V`` for the columns ``V`` (leaves of shape ``(k, *leaf.shape)``).
 
     One ``jax.linearize`` gives ``f(x)`` and the linear map ``v ↦ J v``; it is mapped over
     the ``k`` columns, ``M`` is applied once to all of ``J V`` (shape ``(k, *f.shape)``;
-    a sampled ``M`` draws from ``key``, so it is the same matrix for every column), and
+    a sampled ``M`` draws from ``rng``, so it is the same matrix for every column), and
     the transpose of the same linearisation, mapped over the columns, gives ``Jᵀ (M J V)``.
     Cost: one forward pass plus ``k`` tangent and ``k`` cotangent passes, about 1.3
     gradients for one column under ``jit``.
     """
     outputs, jvp = jax.linearize(lambda p: model_fn(p, inputs), params)
-    rng = None if key is None else JaxRandom(key)
     output_columns = output_matmat(outputs, targets, jax.vmap(jvp)(columns), rng)
     vjp = jax.linear_transpose(jvp, params)
     return jax.vmap(lambda u: vjp(u)[0])(output_columns)
@@ -79,13 +78,13 @@ def squared_cotangent_gradients(
     params: PyTree,
     inputs: Any,
     targets: Array,
-    key: Array | None,
+    rng: JaxExampleRandom | None,
     fisher_type: FisherType,
     mc_samples: int,
 ) -> PyTree:
     """Return ``Σ_{n,c} (J_nᵀ u_{n,c})²`` per parameter, from per-example gradients.
 
-    ``u`` are the output cotangents of ``fisher_type`` (drawn from ``key`` for mc). Each
+    ``u`` are the output cotangents of ``fisher_type`` (drawn from ``rng`` for mc). Each
     example runs through the model alone (``jax.vmap`` over the examples of a
     ``jax.vjp`` of ``model_fn`` on a batch of one, so the model must not mix examples);
     its ``C'`` cotangent columns are mapped over one shared ``vjp``. Cost: one forward
@@ -93,7 +92,6 @@ def squared_cotangent_gradients(
     """
     outputs = model_fn(params, inputs)
     loss.check_target(outputs, targets)
-    rng = None if key is None else JaxRandom(key)
     cotangents = statistics.output_cotangents(loss, outputs, targets, fisher_type, mc_samples, rng)
 
     def example_squares(x: Any, columns: Array) -> PyTree:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 Array = Any
 
@@ -41,3 +42,64 @@ class JaxRandom:
     def normal(self, shape: tuple[int, ...], like: Array) -> Array:
         """Return samples from N(0, 1) with the dtype of ``like``."""
         return jax.random.normal(self.next_key(), shape, dtype=like.dtype)
+
+
+@jax.tree_util.register_pytree_node_class
+class JaxExampleRandom:
+    """Random numbers keyed by each example's global index, from explicit ``jax.random`` keys.
+
+    A draw has shape ``(M, N, *entry)`` (sample, example of the batch, entry; see
+    :class:`~cola_curvature.losses.RandomSource`). Example ``n`` draws its ``(M, *entry)``
+    numbers from ``fold_in(fold_in(key, draw), first_example + n)`` (``jax.vmap`` over the
+    examples; ``draw`` counts this source's calls), so they depend on the seed and the
+    example's global index only, never on the batch it is in. A pytree of ``key`` and
+    ``first_example``: pass it into a jit-compiled function as an argument, and one
+    program serves every batch offset.
+
+    Args:
+        key: A ``jax.random`` key.
+        first_example: Global index of the batch's first example (an integer or a traced
+            integer scalar).
+
+    """
+
+    def __init__(self, key: Array, first_example: Array | int) -> None:
+        self._key = key
+        self._first_example = first_example
+        self._draws = 0
+
+    @classmethod
+    def seeded(cls, seed: int, first_example: int) -> JaxExampleRandom:
+        """Return the source of ``jax.random.key(seed)`` for a batch from ``first_example``."""
+        return cls(jax.random.key(seed), first_example)
+
+    def tree_flatten(self) -> tuple[tuple[Array, Array | int], None]:
+        """Return the leaves ``(key, first_example)`` (the draw count starts again at 0)."""
+        return (self._key, self._first_example), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, leaves: tuple[Array, Array | int]) -> JaxExampleRandom:
+        """Return the source of ``leaves``."""
+        return cls(*leaves)
+
+    def _example_keys(self, num_examples: int) -> Array:
+        """Return one key per example of the next draw, shape ``(num_examples,)``."""
+        draw_key = jax.random.fold_in(self._key, self._draws)
+        self._draws += 1
+        indices = self._first_example + jnp.arange(num_examples)
+        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(draw_key, indices)
+
+    def _draw(self, sampler: Any, shape: tuple[int, ...], like: Array) -> Array:
+        """Return ``sampler(key_n, (M, *entry))`` for every example ``n``, as ``(M, N, *entry)``."""
+        per_example = (shape[0],) + tuple(shape[2:])
+        keys = self._example_keys(shape[1])
+        draws = jax.vmap(lambda key: sampler(key, per_example, dtype=like.dtype))(keys)
+        return jnp.moveaxis(draws, 0, 1)
+
+    def uniform(self, shape: tuple[int, ...], like: Array) -> Array:
+        """Return samples from U[0, 1) with the dtype of ``like``."""
+        return self._draw(jax.random.uniform, shape, like)
+
+    def normal(self, shape: tuple[int, ...], like: Array) -> Array:
+        """Return samples from N(0, 1) with the dtype of ``like``."""
+        return self._draw(jax.random.normal, shape, like)

@@ -14,7 +14,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cola_curvature._checks import check_array_library
 from cola_curvature.backends.torch import distributed, kfac, per_example, products
 from cola_curvature.backends.torch.losses import as_loss
-from cola_curvature.backends.torch.state import TorchRandom, preserved_global_state
+from cola_curvature.backends.torch.state import (
+    TorchExampleRandom,
+    TorchRandom,
+    preserved_global_state,
+)
 from cola_curvature.losses import Loss
 from cola_curvature.operators import kronecker_statistics as statistics
 from cola_curvature.options import FisherType, KFACApprox
@@ -98,6 +102,8 @@ class TorchBackend:
         self.num_params = sum(self._sizes)
         #: What earlier products learnt about the model's autodiff (forward mode missing).
         self._routes = products.ProductRoutes()
+        #: Why KFAC leaves a parameter uncovered, by position in ``params`` (tied weights, ...).
+        self.uncovered_reasons: dict[int, str] = {}
 
     def _functional_state(self) -> dict[str, torch.Tensor]:
         """Return detached parameters and cloned buffers for one functional call."""
@@ -137,7 +143,7 @@ class TorchBackend:
         num_data: int,
         fisher_type: FisherType,
         mc_samples: int,
-        rng: TorchRandom,
+        rng: TorchExampleRandom,
     ) -> torch.Tensor:
         """Return one batch's ``R Σ_{n,c} (J_nᵀ u_{n,c})²``: the exact curvature diagonal.
 
@@ -164,6 +170,10 @@ class TorchBackend:
     def gather_counts(self, count: int) -> list[int]:
         """Return every rank's ``count``."""
         return distributed.gather_counts(count)
+
+    def process_rank(self) -> int:
+        """Return this process's ``torch.distributed`` rank."""
+        return distributed.process_rank()
 
     def check_same_parameters(self) -> None:
         """Raise on every rank when the ranks' parameter values differ."""
@@ -208,7 +218,7 @@ class TorchBackend:
         columns: list[torch.Tensor],
         batch: tuple[Any, Any],
         output_matmat: Callable,
-        rng: TorchRandom | None,
+        rng: TorchExampleRandom | None,
     ) -> list[torch.Tensor]:
         """Return ``Jᵀ M J V`` on one batch (see :func:`products.gauss_newton_matmat`)."""
         inputs, targets = batch
@@ -237,8 +247,16 @@ class TorchBackend:
         )
 
     def kronecker_layers(self, data: Any) -> list[kfac.KroneckerLayer]:
-        """Return the ``Linear``/``Conv2d`` layers owning entries of ``params`` (not ``data``)."""
-        return kfac.kronecker_layers(self._model, self._params)
+        """Return the layers owning entries of ``params``, found on ``data``'s first example.
+
+        Why the other parameters are not covered is kept in ``uncovered_reasons``.
+        """
+        with self.preserved_state():  # a DataLoader's iterator draws from the global RNG
+            inputs, _ = next(iter(data))
+            layers, self.uncovered_reasons = kfac.kronecker_layers(
+                self._model_fn(), self._params, self._names, inputs
+            )
+        return layers
 
     def parameter_subset(self, indices: Sequence[int]) -> tuple[nn.Module, list[torch.Tensor]]:
         """Return the model and the chosen entries of ``params`` (the user's tensors)."""
@@ -252,7 +270,7 @@ class TorchBackend:
         fisher_type: FisherType,
         kfac_approx: KFACApprox,
         mc_samples: int,
-        rng: TorchRandom,
+        rng: TorchExampleRandom,
     ) -> statistics.BatchStatistics:
         """Return one batch's unnormalised KFAC factor statistics per layer."""
         signals = kfac.layer_signals(
@@ -275,7 +293,7 @@ class TorchBackend:
         num_data: int,
         fisher_type: FisherType,
         mc_samples: int,
-        rng: TorchRandom,
+        rng: TorchExampleRandom,
         bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
         """Return one batch's EKFAC eigenvalue corrections per layer."""
@@ -407,3 +425,7 @@ class TorchBackend:
     def random(self, seed: int) -> TorchRandom:
         """Return a random source with its own generator, seeded with ``seed``."""
         return TorchRandom(seed, self.device)
+
+    def example_random(self, seed: int, first_example: int) -> TorchExampleRandom:
+        """Return the counter-based source of a batch starting at example ``first_example``."""
+        return TorchExampleRandom(seed, first_example)

@@ -24,6 +24,11 @@ def gather_counts(count: int) -> list[int]:
     return [int(c.item()) for c in counts]
 
 
+def process_rank() -> int:
+    """Return this process's rank in the default process group."""
+    return dist.get_rank()
+
+
 def check_same_parameters(vector: torch.Tensor) -> None:
     """Raise ``ValueError`` on every rank unless all ranks hold rank 0's parameter values."""
     reference = vector.clone()

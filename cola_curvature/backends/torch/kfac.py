@@ -1,46 +1,162 @@
-"""KFAC statistics of ``nn.Linear`` and ``nn.Conv2d`` layers through module hooks."""
+"""KFAC layers of a torch model: the ``linear``, ``conv2d`` and ``embedding`` calls on its weights.
+
+A layer is found by the identity of its weight (or bias) in the calls the forward pass
+makes through ``torch.nn.functional``: ``F.linear``, ``F.conv2d`` and ``F.embedding``,
+which ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and ``nn.MultiheadAttention`` (its
+packed in-projection ``in_proj_weight`` and its ``out_proj``, called functionally inside
+``F.multi_head_attention_forward``) all use. While the model runs, these three attributes
+of ``torch.nn.functional`` are wrapped by recorders (restored on exit; not thread-safe),
+which keep each call's input and output; a ``TorchFunctionMode`` would not see the calls
+made inside ``F.multi_head_attention_forward``, which it receives as one call.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch.nn import functional as F
 from torch.nn.functional import pad
+from torch.utils import _pytree
 
 from cola_curvature.losses import Loss
-from cola_curvature.operators.kronecker_statistics import LayerSignals, _augment, output_cotangents
+from cola_curvature.operators.kronecker_statistics import (
+    LayerSignals,
+    TokenInputs,
+    _augment,
+    output_cotangents,
+)
 from cola_curvature.options import FisherType
 
 
 @dataclass(frozen=True)
-class KroneckerLayer:
-    """A layer whose weight (and bias) share one Kronecker block ``G ⊗ A``.
+class LayerCall:
+    """One recorded call: its kind, input (an embedding's indices), output, weight and bias.
 
-    ``weight_index`` and ``bias_index`` are positions in the user's ``params`` (``None``
-    when that parameter is not part of the curvature).
+    ``kind`` is ``"linear"``, ``"conv2d"`` or ``"embedding"``; ``settings`` holds the
+    call's other arguments by name (``stride``, ``padding``, ``padding_idx``, ...).
+    """
+
+    kind: str
+    inputs: torch.Tensor
+    output: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    settings: dict[str, Any]
+
+
+#: The argument names of the recorded functions, in positional order, and their defaults.
+_SIGNATURES = {
+    "linear": ("input", "weight", "bias"),
+    "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "embedding": (
+        "input",
+        "weight",
+        "padding_idx",
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "sparse",
+    ),
+}
+_DEFAULTS = {
+    "bias": None,
+    "stride": 1,
+    "padding": 0,
+    "dilation": 1,
+    "groups": 1,
+    "padding_idx": None,
+    "max_norm": None,
+    "scale_grad_by_freq": False,
+}
+
+
+def _layer_call(kind: str, args: tuple, kwargs: dict[str, Any], output: torch.Tensor) -> LayerCall:
+    """Return the call of ``kind`` with its arguments bound by name."""
+    bound = {**_DEFAULTS, **dict(zip(_SIGNATURES[kind], args, strict=False)), **kwargs}
+    inputs, weight, bias = bound.pop("input"), bound.pop("weight"), bound.pop("bias")
+    return LayerCall(kind, inputs, output, weight, bias, bound)
+
+
+@contextmanager
+def recorded_calls(tracked: Collection[int]) -> Iterator[list[LayerCall]]:
+    """Record the ``F.linear`` / ``F.conv2d`` / ``F.embedding`` calls on tracked tensors.
+
+    A call is recorded when its weight or bias is (by ``id``) one of ``tracked``; the list
+    fills while the context is open.
+    """
+    calls: list[LayerCall] = []
+    originals = {kind: getattr(F, kind) for kind in _SIGNATURES}
+
+    def recorder(kind: str) -> Callable:
+        original = originals[kind]
+
+        def record(*args: Any, **kwargs: Any) -> torch.Tensor:
+            output = original(*args, **kwargs)
+            call = _layer_call(kind, args, kwargs, output)
+            if id(call.weight) in tracked or (call.bias is not None and id(call.bias) in tracked):
+                calls.append(call)
+            return output
+
+        return record
+
+    try:
+        for kind in _SIGNATURES:
+            setattr(F, kind, recorder(kind))
+        yield calls
+    finally:
+        for kind, original in originals.items():
+            setattr(F, kind, original)
+
+
+@dataclass(frozen=True)
+class KroneckerLayer:
+    """A weight (and bias) used in one call, sharing one Kronecker block ``G ⊗ A``.
+
+    The block acts on an ``out × in`` matrix: the weight as an ``out × (in·k·k)`` matrix
+    for ``linear`` and ``conv2d``; for ``embedding`` (weight ``V × d``, ``s = Wᵀ e_x``) its
+    transpose ``Wᵀ`` with the one-hot ``e_x`` as input, so ``A`` is diagonal (the token
+    counts). ``weight_index`` and ``bias_index`` are positions in the user's ``params``
+    (``None`` when that parameter is not part of the curvature). ``layout`` says how the
+    rows of the call's input are ordered: ``"example-major"`` (``n T + t``, e.g.
+    ``(N, T, in)``) or ``"example-minor"`` (``t N + n``, e.g. the ``(T, N, E)`` inside
+    ``nn.MultiheadAttention``).
     """
 
     name: str
-    module: nn.Module
+    kind: str
+    weight_shape: tuple[int, ...]
     weight_index: int | None
     bias_index: int | None
+    layout: str
+    settings: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def out_features(self) -> int:
         """Return the dimension of the output factor ``G``."""
-        return self.module.weight.shape[0]
+        return self.weight_shape[1 if self.kind == "embedding" else 0]
 
     @property
     def weight_columns(self) -> int:
         """Return the number of columns of the weight viewed as an ``out × in`` matrix."""
-        return self.module.weight[0].numel()
+        if self.kind == "embedding":
+            return self.weight_shape[0]
+        return int(np.prod(self.weight_shape[1:]))
 
     @property
     def weight_positions(self) -> np.ndarray:
-        """Return the flat position in the weight of block entry ``(o, i)``: row-major."""
+        """Return the flat position in the weight of block entry ``(o, i)``.
+
+        Row-major for ``linear`` and ``conv2d``; an embedding's block is on ``Wᵀ``.
+        """
+        if self.kind == "embedding":
+            return (
+                np.arange(self.weight_columns * self.out_features).reshape(-1, self.out_features).T
+            )
         return np.arange(self.out_features * self.weight_columns).reshape(self.out_features, -1)
 
     @property
@@ -50,66 +166,283 @@ class KroneckerLayer:
         return weight + (self.bias_index is not None)
 
 
-def kronecker_layers(model: nn.Module, params: Sequence[torch.Tensor]) -> list[KroneckerLayer]:
-    """Return the supported layers that own entries of ``params``, in module order.
+def _call_key(call: LayerCall, index: dict[int, int]) -> tuple[str, int]:
+    """Return ``("weight", i)`` for a call on ``params[i]`` as weight, else ``("bias", j)``."""
+    if id(call.weight) in index:
+        return "weight", index[id(call.weight)]
+    return "bias", index[id(call.bias)]
 
-    A layer whose weight is shared with another module (tied weights, e.g. an lm-head and
-    the token embedding) is not a Kronecker layer: its Kronecker factors would describe
-    one use of the tensor only. Its parameters are left uncovered (``uncovered="dense"``
-    gives their exact block).
 
-    Raises:
-        ValueError: for a ``Conv2d`` with ``groups > 1`` or padding modes other than zeros.
+def _grouped(calls: Sequence[LayerCall], index: dict[int, int]) -> dict[tuple, list[LayerCall]]:
+    """Return the calls per key (:func:`_call_key`), in order of first call."""
+    grouped: dict[tuple, list[LayerCall]] = {}
+    for call in calls:
+        grouped.setdefault(_call_key(call, index), []).append(call)
+    return grouped
+
+
+def _input_rows(call: LayerCall) -> torch.Tensor:
+    """Return the call's input as rows: ``(R, in)`` for linear, ``(R, 1)`` token indices."""
+    inputs = call.inputs.detach()
+    if call.kind == "embedding":
+        return inputs.reshape(-1, 1)
+    return inputs.reshape(-1, inputs.shape[-1])
+
+
+def _example_layout(one: LayerCall, two: LayerCall) -> str | None:
+    """Return how the rows of a call are grouped by example, from runs on 1 and 2 examples.
+
+    The two-example run repeats the example, so its rows are ``[R; R]`` (example-major) or
+    ``R`` with every row twice (example-minor); ``None`` when neither, e.g. an output that
+    all examples share (a position table called on ``arange(T)``).
     """
-    index = {id(p): i for i, p in enumerate(params)}
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners[id(p)] = owners.get(id(p), 0) + 1
-    layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+    if one.kind == "conv2d":
+        batched = one.inputs.dim() == 4 and (one.inputs.shape[0], two.inputs.shape[0]) == (1, 2)
+        return "example-major" if batched else None
+    rows, doubled = _input_rows(one), _input_rows(two)
+    if doubled.shape[0] != 2 * rows.shape[0]:
+        return None
+    if _same_rows(doubled, torch.cat([rows, rows])):
+        return "example-major"
+    if _same_rows(doubled, rows.repeat_interleave(2, dim=0)):
+        return "example-minor"
+    return None
+
+
+def _same_rows(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Return whether two runs' rows agree: exactly (tokens), or to ``√ε`` of their largest entry.
+
+    Batch sizes 1 and 2 may round differently (float32 kernels), hence the tolerance.
+    """
+    if not first.is_floating_point() or first.numel() == 0:
+        return bool(torch.equal(first, second))
+    tolerance = torch.finfo(first.dtype).eps ** 0.5 * first.abs().max()
+    return bool((first - second).abs().max() <= tolerance)
+
+
+def _rejection(calls: Sequence[LayerCall], layout: str | None) -> str | None:
+    """Return why the calls on one weight cannot be a Kronecker layer, or ``None``."""
+    if len(calls) > 1:
+        return f"ran {len(calls)} times in one forward pass (a tied or reused weight)"
+    call = calls[0]
+    settings = call.settings
+    if call.kind == "conv2d" and settings["groups"] != 1:
+        return f"a conv2d call with groups={settings['groups']} (KFAC needs groups=1)"
+    if call.kind == "embedding" and (
+        settings["max_norm"] is not None or settings["scale_grad_by_freq"]
+    ):
+        return "an embedding call with max_norm or scale_grad_by_freq"
+    if layout is None:
+        return (
+            "its rows are not one per example and position (e.g. a table all examples "
+            "share, like a position embedding called on arange(T))"
+        )
+    return None
+
+
+def _repeated_first_example(inputs: Any, copies: int) -> Any:
+    """Return the first example of a batch (every tensor's first row) ``copies`` times."""
+    return _pytree.tree_map(
+        lambda x: torch.cat([x[:1]] * copies) if isinstance(x, torch.Tensor) else x, inputs
+    )
+
+
+def _layer_name(names: Sequence[str], index: int, suffix: str) -> str:
+    """Return a parameter's name without its ``.weight`` / ``.bias`` suffix (the module)."""
+    name = names[index]
+    return name[: -len(suffix)] if name.endswith(suffix) else name
+
+
+def kronecker_layers(
+    model_fn: Callable[[Sequence[torch.Tensor], Any], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    names: Sequence[str],
+    inputs: Any,
+) -> tuple[list[KroneckerLayer], dict[int, str]]:
+    """Return the Kronecker layers owning entries of ``params``, and why others are not.
+
+    The model runs twice as for the statistics (with a graph: without one,
+    ``nn.MultiheadAttention`` takes a fused path with no ``F.linear`` calls), on the first
+    example of ``inputs`` and on two copies of it. Every recorded call on a parameter
+    becomes a layer unless its weight is used in more than one call (a tied or reused
+    weight: its factors would describe one use), it is a grouped convolution or an
+    embedding with ``max_norm`` / ``scale_grad_by_freq``, or its rows do not double with
+    the examples in a known order
+    (:func:`_example_layout`). The reasons are keyed by position in ``params``.
+    """
+    leaves = [p.detach().requires_grad_(True) for p in params]
+    index = {id(leaf): i for i, leaf in enumerate(leaves)}
+    runs, outputs = [], []
+    for copies in (1, 2):
+        with recorded_calls(index) as calls:
+            outputs.append(model_fn(leaves, _repeated_first_example(inputs, copies)))
+        runs.append(_grouped(calls, index))
+    layers, reasons = [], {}
+    for key, calls in runs[0].items():
+        first = calls[0]
+        weight_index = index.get(id(first.weight))
+        bias_index = index.get(id(first.bias)) if first.bias is not None else None
+        layout = _example_layout(first, runs[1][key][0]) if key in runs[1] else None
+        reason = _rejection(calls, layout)
+        if reason is not None:
+            reasons.update({i: reason for i in (weight_index, bias_index) if i is not None})
             continue
-        if owners[id(module.weight)] > 1:
-            continue  # tied to another module (e.g. an lm-head sharing the embedding)
-        weight_index = index.get(id(module.weight))
-        bias_index = index.get(id(module.bias)) if module.bias is not None else None
-        if weight_index is None and bias_index is None:
-            continue
-        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
-            raise ValueError(
-                f"KFAC supports Conv2d with groups=1 and padding_mode='zeros'; layer {name!r} "
-                f"has groups={module.groups}, padding_mode={module.padding_mode!r}."
+        name = (
+            _layer_name(names, weight_index, ".weight")
+            if weight_index is not None
+            else _layer_name(names, bias_index, ".bias")
+        )
+        shape = tuple(first.weight.shape)
+        layers.append(
+            KroneckerLayer(
+                name, first.kind, shape, weight_index, bias_index, layout, first.settings
             )
-        layers.append(KroneckerLayer(name, module, weight_index, bias_index))
-    return layers
+        )
+    calls = [runs[0][_layer_key(layer)][0] for layer in layers]
+    for layer in _used_outside_their_call(layers, calls, outputs[0], leaves):
+        reason = "also used outside its call (e.g. x @ W.T): the call's factors miss that use"
+        reasons.update({i: reason for i in (layer.weight_index, layer.bias_index) if i is not None})
+        layers.remove(layer)
+    return layers, reasons
 
 
-def _layer_inputs(layer: KroneckerLayer, inputs: torch.Tensor) -> torch.Tensor:
-    """Return the layer inputs as ``(N, T, in)``: ``T`` shared positions (sequence or patches).
+def _layer_key(layer: KroneckerLayer) -> tuple[str, int]:
+    """Return the key (:func:`_call_key`) of the layer's calls."""
+    if layer.weight_index is not None:
+        return "weight", layer.weight_index
+    return "bias", layer.bias_index
 
-    A ``Conv2d``'s patches are copied once from a strided view of the padded input into
-    feature-major memory ``(in, N, T)`` (in ``unfold``'s column order ``(c, k_h, k_w)``), and
-    returned as an ``(N, T, in)`` view of it.
+
+def _used_outside_their_call(
+    layers: Sequence[KroneckerLayer],
+    calls: Sequence[LayerCall],
+    outputs: torch.Tensor,
+    leaves: Sequence[torch.Tensor],
+) -> list[KroneckerLayer]:
+    """Return the layers whose parameters the outputs also depend on outside their call.
+
+    For a random cotangent ``u`` (a private generator), the gradient of ``⟨u, f⟩`` w.r.t. a
+    layer's ``[W b]`` equals ``Σ_{n,t} g ãᵀ`` of its call (``g`` the gradient w.r.t. the
+    call output) when the call is their only use; a weight also used as ``x @ W.T`` (a
+    hand-written tied lm-head) is not, and its KFAC block would describe one use only.
+    Agreement is to ``√ε`` of the dtype, relative to the gradient's largest entry.
     """
-    module = layer.module
-    if isinstance(module, nn.Conv2d):
-        padded = pad(inputs, module._reversed_padding_repeated_twice)
-        (k_h, k_w), (d_h, d_w), (s_h, s_w) = module.kernel_size, module.dilation, module.stride
-        windows = padded.unfold(2, (k_h - 1) * d_h + 1, s_h).unfold(3, (k_w - 1) * d_w + 1, s_w)
-        windows = windows[..., ::d_h, ::d_w]
-        n, positions = inputs.shape[0], windows.shape[2] * windows.shape[3]
-        features = windows.permute(1, 4, 5, 0, 2, 3).reshape(-1, n, positions)
-        return features.permute(1, 2, 0)
-    return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+    if not layers:
+        return []
+    generator = torch.Generator(device=outputs.device).manual_seed(0)
+    cotangent = torch.randn(
+        outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device
+    )
+    own = [
+        [leaves[i] for i in (layer.weight_index, layer.bias_index) if i is not None]
+        for layer in layers
+    ]
+    tensors = [call.output for call in calls] + [leaf for group in own for leaf in group]
+    grads = torch.autograd.grad(outputs, tensors, cotangent, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
+    output_grads, param_grads = grads[: len(calls)], iter(grads[len(calls) :])
+    tolerance = torch.finfo(outputs.dtype).eps ** 0.5
+    shared = []
+    for layer, call, output_grad in zip(layers, calls, output_grads, strict=True):
+        through_call = _call_gradient(layer, call, output_grad)
+        columns = []
+        if layer.weight_index is not None:
+            weight_grad = next(param_grads).reshape(-1)
+            columns.append(weight_grad[torch.as_tensor(layer.weight_positions)])
+        if layer.bias_index is not None:
+            columns.append(next(param_grads)[:, None])
+        total = torch.cat(columns, dim=1)
+        if (through_call - total).abs().max() > tolerance * total.abs().max():
+            shared.append(layer)
+    return shared
 
 
-def _layer_output_grads(layer: KroneckerLayer, grads: torch.Tensor) -> torch.Tensor:
-    """Return gradients w.r.t. the layer output, ``(C', N, …)``, as a ``(C', N, T, out)`` view."""
-    if isinstance(layer.module, nn.Conv2d):
+def _call_gradient(
+    layer: KroneckerLayer, call: LayerCall, output_grad: torch.Tensor
+) -> torch.Tensor:
+    """Return ``Σ_{n,t} g ãᵀ``, ``(out, in [+1])``: the gradient of ``[W b]`` through one call."""
+    inputs = _layer_inputs(layer, call, 1)
+    rows = _layer_output_grads(layer, output_grad[None], 1)[0].reshape(-1, layer.out_features)
+    if isinstance(inputs, TokenInputs):
+        weighted = rows * inputs.weights.reshape(-1, 1)
+        return _segment_sum(weighted, inputs.indices.reshape(-1), inputs.num_classes).T
+    return rows.T @ inputs.reshape(-1, inputs.shape[-1])
+
+
+def _by_example(rows: torch.Tensor, layout: str, examples: int, axis: int = 0) -> torch.Tensor:
+    """Return ``rows`` (``R`` along ``axis``) as ``(N, T)`` along ``axis, axis + 1``."""
+    size = rows.shape[axis]
+    if size % examples:
+        raise ValueError(
+            f"a layer call has {size} rows, not a multiple of the batch's {examples} examples."
+        )
+    before, after = rows.shape[:axis], rows.shape[axis + 1 :]
+    if layout == "example-major":
+        return rows.reshape(*before, examples, size // examples, *after)
+    minor = rows.reshape(*before, size // examples, examples, *after)
+    return minor.transpose(axis, axis + 1)
+
+
+def _conv_padding(call: LayerCall, kernel: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Return the call's zero padding as ``(left, right, top, bottom)`` for ``F.pad``."""
+    padding, dilation = (
+        call.settings["padding"],
+        torch.nn.modules.utils._pair(call.settings["dilation"]),
+    )
+    if padding == "valid":
+        return 0, 0, 0, 0
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+        (top, left) = (t // 2 for t in totals)
+        return left, totals[1] - left, top, totals[0] - top
+    p_h, p_w = torch.nn.modules.utils._pair(padding)
+    return p_w, p_w, p_h, p_h
+
+
+def _conv_patches(call: LayerCall) -> torch.Tensor:
+    """Return a conv2d call's patches as ``(N, T, in)``, ``T`` output pixels.
+
+    The patches are copied once from a strided view of the padded input into feature-major
+    memory ``(in, N, T)`` (in ``unfold``'s column order ``(c, k_h, k_w)``), and returned as
+    an ``(N, T, in)`` view of it.
+    """
+    pair = torch.nn.modules.utils._pair
+    k_h, k_w = call.weight.shape[2:]
+    (d_h, d_w), (s_h, s_w) = pair(call.settings["dilation"]), pair(call.settings["stride"])
+    padded = pad(call.inputs.detach(), _conv_padding(call, (k_h, k_w)))
+    windows = padded.unfold(2, (k_h - 1) * d_h + 1, s_h).unfold(3, (k_w - 1) * d_w + 1, s_w)
+    windows = windows[..., ::d_h, ::d_w]
+    n, positions = call.inputs.shape[0], windows.shape[2] * windows.shape[3]
+    features = windows.permute(1, 4, 5, 0, 2, 3).reshape(-1, n, positions)
+    return features.permute(1, 2, 0)
+
+
+def _segment_sum(values: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
+    """Return ``(count, …)`` whose row ``k`` sums the rows of ``values`` with id ``k``."""
+    totals = values.new_zeros((count, *values.shape[1:]))
+    return totals.index_add_(0, ids, values)
+
+
+def _layer_inputs(layer: KroneckerLayer, call: LayerCall, examples: int) -> Any:
+    """Return the block's inputs ``ã`` as ``(N, T, in [+1])``, or an embedding's tokens."""
+    if layer.kind == "conv2d":
+        return _augment(_conv_patches(call), layer)
+    if layer.kind == "linear":
+        return _augment(_by_example(_input_rows(call), layer.layout, examples), layer)
+    tokens = _by_example(call.inputs.detach().reshape(-1), layer.layout, examples)
+    padding_idx = layer.settings["padding_idx"]
+    weights = torch.ones_like(tokens, dtype=call.output.dtype)
+    if padding_idx is not None:
+        weights = weights * (tokens != padding_idx % layer.weight_shape[0])
+    return TokenInputs(tokens, weights, layer.weight_shape[0], _segment_sum)
+
+
+def _layer_output_grads(layer: KroneckerLayer, grads: torch.Tensor, examples: int) -> torch.Tensor:
+    """Return gradients w.r.t. the call output, ``(C', …)``, as ``(C', N, T, out)``."""
+    if layer.kind == "conv2d":
         return grads.flatten(start_dim=3).transpose(2, 3)
-    return grads.reshape(grads.shape[0], grads.shape[1], -1, grads.shape[-1])
+    rows = grads.reshape(grads.shape[0], -1, grads.shape[-1])
+    return _by_example(rows, layer.layout, examples, axis=1)
 
 
 def layer_signals(
@@ -125,51 +458,44 @@ def layer_signals(
 ) -> LayerSignals:
     """Return every layer's inputs and backpropagated output gradients on one batch.
 
-    One forward pass records each layer's input ``a`` and output ``s`` through forward
-    hooks; the cotangents ``u_c`` of :func:`output_cotangents` are backpropagated to every
-    ``s`` (one backward pass per column, see :func:`_backpropagate`), giving
-    ``g_c = (∂f/∂s)ᵀ u_c``. Cost: one forward pass plus ``C'`` backward passes.
+    One forward pass records each layer's call (:func:`recorded_calls`): its input ``a``
+    and output ``s``; the cotangents ``u_c`` of :func:`output_cotangents` are
+    backpropagated to every ``s`` (one backward pass per column, see
+    :func:`_backpropagate`), giving ``g_c = (∂f/∂s)ᵀ u_c``. Cost: one forward pass plus
+    ``C'`` backward passes.
 
     Raises:
         ValueError: when a layer runs more than once in one forward pass.
     """
     inputs, targets = batch
-    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for layer in layers:
-        captured[layer.name] = []
-
-    def hook(name: str) -> Callable:
-        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            captured[name].append((args[0].detach(), output))
-
-        return record
-
-    handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in layers]
     leaves = [p.detach().requires_grad_(True) for p in params]
-    try:
+    index = {id(leaf): i for i, leaf in enumerate(leaves)}
+    with recorded_calls(index) as calls:
         outputs = model_fn(leaves, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, calls in captured.items():
-        if len(calls) != 1:
+    grouped = _grouped(calls, index)
+    captured = {}
+    for layer in layers:
+        layer_calls = grouped.get(_layer_key(layer), [])
+        if len(layer_calls) != 1:
             raise ValueError(
-                f"layer {name!r} ran {len(calls)} times in one forward pass; KFAC needs each "
-                "layer called once (share weights through a sequence dimension instead)."
+                f"layer {layer.name!r} ran {len(layer_calls)} times in one forward pass; KFAC "
+                "needs each layer called once (share weights through a sequence dimension "
+                "instead)."
             )
+        captured[layer.name] = layer_calls[0]
     loss.check_target(outputs.detach(), targets)
+    examples = outputs.shape[0]
     layer_inputs = {
-        layer.name: _augment(_layer_inputs(layer, captured[layer.name][0][0]), layer)
-        for layer in layers
+        layer.name: _layer_inputs(layer, captured[layer.name], examples) for layer in layers
     }
     scale = loss.scale(outputs, num_data)
     if fisher_type is FisherType.FORWARD_ONLY:
         return LayerSignals(layer_inputs, None, scale)
     cotangents = output_cotangents(loss, outputs.detach(), targets, fisher_type, mc_samples, rng)
-    layer_outputs = [captured[layer.name][0][1] for layer in layers]
+    layer_outputs = [captured[layer.name].output for layer in layers]
     grads = _backpropagate(outputs, layer_outputs, cotangents)
     output_grads = {
-        layer.name: _layer_output_grads(layer, grad)
+        layer.name: _layer_output_grads(layer, grad, examples)
         for layer, grad in zip(layers, grads, strict=True)
     }
     return LayerSignals(layer_inputs, output_grads, scale)
