@@ -202,3 +202,29 @@ def test_kfac_leaves_a_tied_weight_uncovered_instead_of_using_one_of_its_uses():
     ggn = ref.dense_ggn(model, loss, params, data)
     size = model.wte.weight.numel()  # the first entry of params
     assert_close(kfac[:size, :size], ggn[:size, :size])
+
+
+@pytest.mark.parametrize("name", ["gpt-sdpa-tied", "gpt-mha"])
+def test_kfac_laplace_on_a_language_model_fits_its_prior(name):
+    """``curvature="kfac"`` with ``uncovered="diagonal"``: the evidence equals the dense one."""
+    model, loss, params, data = build(name, "sum")
+    laplace = cc.Laplace(model, loss, params, data, curvature="kfac", uncovered="diagonal")
+    H = laplace.curvature.to_dense()
+    D = H.shape[0]
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def dense_evidence(delta):
+        precision = H + delta * torch.eye(D, dtype=F64)
+        return (
+            laplace.log_likelihood()
+            - 0.5 * delta * theta @ theta
+            + 0.5 * D * torch.log(torch.tensor(delta, dtype=F64))
+            - 0.5 * torch.logdet(precision)
+        )
+
+    before = laplace.log_marginal_likelihood()
+    assert_close(before, dense_evidence(1.0))
+    laplace.optimize_prior_precision(steps=20)
+    assert laplace.log_marginal_likelihood() > before
+    delta = float(laplace.prior_precision)
+    assert_close(laplace.log_marginal_likelihood(), dense_evidence(delta))
