@@ -3,6 +3,7 @@
 #   make demo    examples/demo.py
 #   make bench   benchmarks/harness.py: products, KFAC, curvlinops and JAX vs one gradient
 #                (~7 min on an idle 2-core machine; writes benchmarks/RESULTS.md, results/harness.*)
+#   make bench-large  benchmarks/large.py: nanoGPT and ResNet-18 at scale vs one gradient (~25 min)
 #   make lint    ruff check + ruff format --check
 PYTHON ?= python3
 VENV ?= .venv-ci
@@ -19,7 +20,7 @@ PEERS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch einops einconv opt-e
 	laplace-torch==0.3 asdfghjkl==0.1a4 unfoldNd torchmetrics lightning-utilities
 LINTED := cola_curvature dispatch_rules tests examples benchmarks
 
-.PHONY: test demo bench lint
+.PHONY: test demo bench bench-large lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,9 @@ demo: $(VENV)/.stamp-demo
 
 bench: $(VENV)/.stamp-bench $(VENV)/.installed-peers
 	$(BIN)/python -m benchmarks.harness $(BENCH_ARGS)
+
+bench-large: $(VENV)/.stamp-bench $(VENV)/.installed-peers
+	$(BIN)/python -m benchmarks.large
 
 lint: $(VENV)/.stamp-test
 	$(BIN)/ruff check $(LINTED)

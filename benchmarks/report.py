@@ -198,19 +198,19 @@ def markdown(record: dict, md_dir: Path, json_path: Path, png_path: Path) -> str
     return "\n".join(lines)
 
 
-def splice(path: Path, section: str) -> None:
-    """Replace the generated section of ``path`` (create the file when it does not exist)."""
+def splice(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section of ``path`` between the markers (create the file when absent)."""
     if not path.exists():
         path.write_text(section + "\n")
         return
     text = path.read_text()
-    if BEGIN not in text or END not in text:
+    if begin not in text or end not in text:
         raise ValueError(
-            f"{path} lacks the marker lines {BEGIN!r} and {END!r}; add both where the "
+            f"{path} lacks the marker lines {begin!r} and {end!r}; add both where the "
             "generated section belongs, or pass --results-md with another file."
         )
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     path.write_text(head + section + tail)
 
 

@@ -26,14 +26,14 @@ def inv(A: KroneckerFactored, alg: Algorithm):
     ``(Q_G⊗Q_A) S⁻¹ (Q_G⊗Q_A)ᵀ`` (four).
 
     Raises:
-        ValueError: when ``K`` is singular, an eigenvalue ``≤ √D · ε · max|λ|`` (rounding noise
+        ValueError: when ``K`` is singular, an eigenvalue ``≤ 10 · ε · max|λ|`` (rounding noise
             of a zero; damp it first: ``K + λ * cola.ops.I_like(K)``), or indefinite.
     """
     eigenvalues = A.eigenvalues()
-    if not bool((eigenvalues > zero_cutoff(eigenvalues, A.shape[0], A.xnp)).all()):
+    if not bool((eigenvalues > zero_cutoff(eigenvalues, A.xnp)).all()):
         raise ValueError(
             "This Kronecker-factored operator is singular or indefinite (an eigenvalue is "
-            "zero up to rounding, |λ| <= √D·ε·max|λ|, or negative); invert a damped version, "
+            "zero up to rounding, |λ| <= 10·ε·max|λ|, or negative); invert a damped version, "
             "e.g. cola.linalg.inv(K + λ * cola.ops.I_like(K))."
         )
     return A.inverse()
@@ -42,10 +42,10 @@ def inv(A: KroneckerFactored, alg: Algorithm):
 # (P ⊕_l (Q_G⊗Q_A) S_l (Q_G⊗Q_A)ᵀ Pᵀ)⁺ = P ⊕_l (Q_G⊗Q_A) S_l⁺ (Q_G⊗Q_A)ᵀ Pᵀ
 @dispatch(precedence=1)
 def pinv(A: KroneckerFactored, alg: Algorithm):
-    """Return the Moore-Penrose pseudo-inverse, zeroing eigenvalues ``≤ √D · ε · max|s|``."""
+    """Return the Moore-Penrose pseudo-inverse, zeroing eigenvalues ``≤ 10 · ε · max|s|``."""
     xnp = A.xnp
     eigenvalues = A.eigenvalues()
-    cutoff = zero_cutoff(eigenvalues, A.shape[0], xnp)
+    cutoff = zero_cutoff(eigenvalues, xnp)
 
     def pseudo_reciprocal(s):
         keep = xnp.abs(s) > cutoff

@@ -19,13 +19,13 @@ from dispatch_rules._spectrum import zero_cutoff
 def slogdet(A: KroneckerFactored, log_alg: Algorithm, trace_alg: Algorithm):
     """Return ``(sign, log|det K|)`` exactly; the algorithms are not used.
 
-    A singular ``K`` (an eigenvalue ``|λ| ≤ √D · ε · max|λ|``, rounding noise of a zero, as
+    A singular ``K`` (an eigenvalue ``|λ| ≤ 10 · ε · max|λ|``, rounding noise of a zero, as
     an undamped KFAC of a rank-deficient factor has) gives ``(0, −inf)``, as
     ``numpy.linalg.slogdet`` does, never a finite number from the noise.
     """
     xnp = A.xnp
     eigenvalues = A.eigenvalues()
-    singular = (xnp.abs(eigenvalues) <= zero_cutoff(eigenvalues, A.shape[0], xnp)).any()
+    singular = (xnp.abs(eigenvalues) <= zero_cutoff(eigenvalues, xnp)).any()
     negatives = (eigenvalues < 0).sum()
     sign = 1 - 2 * (negatives % 2)
     log_abs = xnp.log(xnp.abs(eigenvalues)).sum()

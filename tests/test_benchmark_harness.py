@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import harness, report
+from benchmarks import harness, large, report
 
 
 def test_quick_harness_writes_table_json_and_chart(tmp_path):
@@ -33,6 +33,29 @@ def test_quick_harness_writes_table_json_and_chart(tmp_path):
     assert "stale" not in text
     assert "| GGN @ v |" in text and "harness.png" in text
     assert (tmp_path / "harness.png").stat().st_size > 0
+
+
+def test_quick_large_writes_table_json_and_chart(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# by hand\n\n{large.BEGIN}\nstale\n{large.END}\n\n## kept\n")
+    large.main(
+        ["--quick", "--models", "gpt", "--output-dir", str(tmp_path), "--results-md", str(results)]
+    )
+    record = json.loads((tmp_path / "large.json").read_text())
+    entries = {(e["impl"], e["row"]): e for e in record["models"]["gpt"]["entries"]}
+    for row in ("Hessian @ v", "GGN @ v", "EmpiricalFisher @ v", "FisherMC @ v"):
+        assert entries[("ours", row)]["ratio"] > 0 and entries[("curvlinops", row)]["ratio"] > 0
+    assert entries[("ours", "KFAC inverse @ v (cached)")]["ratio"] > 0
+    krylov = [e for e in entries.values() if e["row"].startswith(("top-", "GGN trace", "logdet"))]
+    assert len(krylov) == 3 and all(e["columns"] > 0 and e["ratio"] > 0 for e in krylov)
+    # curvlinops' EKFAC takes 2-d outputs only: the GPT's row is n/a, with its error
+    ekfac = entries[("curvlinops", "EKFAC build mc, Linear/Conv2d parameters")]
+    assert ekfac["missing"] and ekfac["ratio"] is None
+    assert record["models"]["gpt"]["streaming"]["memory_ratio"] > 0
+    text = results.read_text()
+    assert text.startswith("# by hand") and text.endswith("## kept\n")
+    assert "stale" not in text and "| GGN @ v |" in text and "What a GPU would change" in text
+    assert (tmp_path / "large.png").stat().st_size > 0
 
 
 def test_report_ratios_and_target_verdicts():
