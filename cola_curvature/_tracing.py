@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -32,3 +33,15 @@ def known_nonnegative(value: Any) -> bool | None:
     if is_traced(value):
         return None
     return bool(value >= 0)
+
+
+def finite_or_traced(value: Any) -> bool:
+    """Return whether a scalar is finite, or traced (no value to check yet).
+
+    A torch scalar that requires grad is read through ``detach()`` (reading it directly
+    warns), so differentiable dampings and scales are checked silently.
+    """
+    if is_traced(value):
+        return True
+    detach = getattr(value, "detach", None)
+    return math.isfinite(float(detach() if callable(detach) else value))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 from cola.annotations import PSD
 from cola.ops import BlockDiag, Dense, Diagonal, Kronecker, LinearOperator
 
-from cola_curvature._tracing import is_traced, known_nonnegative
+from cola_curvature._tracing import finite_or_traced, known_nonnegative
 from cola_curvature.options import DampingMode, parse_option
 
 Array = Any
@@ -405,7 +404,7 @@ class KroneckerFactored(BlockDiag):
         operators whose blocks are all of these two kinds.
         """
         mode = parse_option(DampingMode, mode, "damping mode")
-        if known_nonnegative(damping) is False or not _finite_or_traced(damping):
+        if known_nonnegative(damping) is False or not finite_or_traced(damping):
             raise ValueError(f"damping must be a finite non-negative number, got {damping}.")
         if mode is DampingMode.EXACT:
             return self.map_spectrum(lambda s: s + damping)
@@ -483,11 +482,6 @@ def _inverse_permutation(permutation: Array, xnp: Any) -> Array:
     """Return ``q`` with ``q[p[j]] = j``: one ``O(D)`` scatter (``argsort`` would sort)."""
     positions = xnp.arange(permutation.shape[0], device=xnp.get_device(permutation))
     return xnp.update_array(0 * permutation, xnp.cast(positions, permutation.dtype), permutation)
-
-
-def _finite_or_traced(value: Array) -> bool:
-    """Return whether a scalar is finite, or traced (no value to check yet)."""
-    return is_traced(value) or math.isfinite(float(value))
 
 
 def _reciprocal(values: Array) -> Array:

@@ -7,14 +7,13 @@ rules of this library treat the combination as one symmetric operator.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cola.annotations import PSD, SelfAdjoint
 from cola.ops import LinearOperator
 
-from cola_curvature._tracing import is_traced, known_nonnegative
+from cola_curvature._tracing import finite_or_traced, known_nonnegative
 from cola_curvature.algorithms import LanczosFunction
 from cola_curvature.matfree.functions import MatrixFunction
 from cola_curvature.matfree.solvers import IterativeInverse
@@ -43,7 +42,7 @@ class ShiftedCurvature(ParameterSpaceInterface, LinearOperator):
 
     def __init__(self, base: CurvatureOperator, shift: Array, scale: Array = 1.0) -> None:
         for name, value in (("damping", shift), ("scale", scale)):
-            if not is_traced(value) and not math.isfinite(float(value)):
+            if not finite_or_traced(value):
                 raise ValueError(f"the {name} of {base} must be a finite number, got {value}.")
         self.base = base
         self.shift = shift
@@ -97,7 +96,7 @@ class CurvatureSum(ParameterSpaceInterface, LinearOperator):
                     "add only over the same parameters of the same backend."
                 )
         for coefficient in (shift, *(c for c, _ in terms)):
-            if not is_traced(coefficient) and not math.isfinite(float(coefficient)):
+            if not finite_or_traced(coefficient):
                 raise ValueError(f"coefficients must be finite numbers, got {coefficient}.")
         self.terms = tuple(terms)
         self.shift = shift
