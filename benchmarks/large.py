@@ -65,7 +65,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import cola_curvature as cc
 from benchmarks.harness import RESULTS_DIR, RESULTS_MD, _version, cpu_name, time_interleaved
 from benchmarks.measurements import DAMPING, OPERATORS, torch_peak_memory_mib
-from benchmarks.report import splice
+from benchmarks.report import save_with_shared_legend, splice
 from benchmarks.workloads import kfac_params
 from cola_curvature.models import GPT, GPTConfig, resnet
 
@@ -797,16 +797,7 @@ def bar_chart(record: dict, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(f"{name}: {model['num_params']:,} parameters")
         ax.set_xlabel("time ÷ one gradient")
-    handles, labels = [], []
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    figure.legend(handles, labels, loc="lower center", ncol=len(labels))
-    figure.tight_layout(rect=(0, 0.05, 1, 1))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_with_shared_legend(figure, axes, path)
 
 
 def _short(row: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.measurements import (
     KFAC_HEURISTIC_INVERSE_ROW,
@@ -253,6 +254,13 @@ def bar_chart(record: dict, path: Path) -> None:
         ax.set_xlabel("time ÷ one gradient (@ V: per column)")
     axes[0].set_yticks(range(len(rows)), [r.replace(MATRIX_ROW, "@ V (8)") for r in rows])
     axes[0].invert_yaxis()
+    save_with_shared_legend(figure, axes, path)
+
+
+def save_with_shared_legend(figure: Any, axes: Any, path: Path) -> None:
+    """Save ``figure`` with one legend below the panels (each label once), and close it."""
+    import matplotlib.pyplot as plt
+
     handles, labels = [], []
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):

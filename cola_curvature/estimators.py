@@ -179,12 +179,14 @@ class SpectralQuadrature:
         nodes: Ritz values ``θ`` ``(p, s)``.
         weights: ``τ²`` ``(p, s)``; zero on the padding after a breakdown.
         dimension: ``D``.
+        is_exact: Whether the rule is :meth:`exact` (all eigenvalues, no stochastic error).
 
     """
 
     nodes: Array
     weights: Array
     dimension: int
+    is_exact: bool = False
 
     @classmethod
     def of(cls, A: LinearOperator, alg: SLQ) -> SpectralQuadrature:
@@ -207,7 +209,7 @@ class SpectralQuadrature:
         dense = A @ xnp.eye(dimension, dimension, dtype=A.dtype, device=A.device)
         eigenvalues = xnp.eigh((dense + dense.T) / 2)[0]
         weights = xnp.ones_like(eigenvalues) / dimension
-        return cls(eigenvalues[None], weights[None], dimension)
+        return cls(eigenvalues[None], weights[None], dimension, is_exact=True)
 
     def per_probe(self, f: Callable[[Array], Array], xnp: Any) -> Array:
         """Return the ``p`` single-probe estimates ``D Σ_i τ_i² f(θ_i)``.
@@ -224,15 +226,18 @@ class SpectralQuadrature:
         return xnp.mean(self.per_probe(f, xnp))
 
     def standard_error(self, f: Callable[[Array], Array], xnp: Any) -> Array:
-        """Return the standard error of :meth:`trace` over the probes (``0`` for one probe).
+        """Return the standard error of :meth:`trace` over the probes.
 
         The spread of the single-probe estimates over ``√p``: the Hutchinson part of the
-        error; the quadrature part vanishes as the Lanczos steps grow.
+        error; the quadrature part vanishes as the Lanczos steps grow. ``0`` for the exact
+        rule; ``inf`` for one random probe, whose spread is unknown.
         """
         estimates = self.per_probe(f, xnp)
         count = estimates.shape[0]
-        if count == 1:
+        if self.is_exact:
             return 0 * estimates[0]
+        if count == 1:
+            return estimates[0] * 0 + float("inf")
         spread = xnp.sum((estimates - xnp.mean(estimates)) ** 2) / (count - 1)
         return xnp.sqrt(spread / count)
 
@@ -273,15 +278,13 @@ def slq_slogdet(A: LinearOperator, alg: SLQ | None = None) -> tuple[Array, Array
     log_abs = xnp.mean(quadrature.per_probe(lambda x: xnp.log(xnp.abs(x)), xnp))
     if A.isa(PSD):
         return 1 + 0 * log_abs, log_abs
-    negatives = quadrature.per_probe(lambda x: (x < 0) * (1 + 0 * x), xnp)
-    num_probes = negatives.shape[0]
-    count = xnp.mean(negatives)
+
+    def negative_indicator(x: Array) -> Array:
+        return (x < 0) * (1 + 0 * x)
+
+    count = quadrature.trace(negative_indicator, xnp)
+    error = quadrature.standard_error(negative_indicator, xnp)
     nearest = (count + 0.5) // 1
-    if num_probes > 1:
-        spread = xnp.sqrt(xnp.sum((negatives - count) ** 2) / (num_probes - 1))
-    else:
-        spread = count + float("inf")
-    error = spread / num_probes**0.5
     unknown = xnp.abs(count - nearest) + 2 * error >= 0.5
     sign = 1 - 2 * (nearest % 2) + 0 * log_abs
     if is_abstract(unknown):

@@ -19,11 +19,11 @@ from cola_curvature.operators import kfac as kfac_module
 from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerBlock
 from cola_curvature.options import Uncovered
 from tests import double_backward_reference as ref
+from tests import test_real_architectures as real_architectures
 from tests.cases import F64
 from tests.test_real_architectures import tiny_gpt, tiny_resnet
 
 RTOL = 1e-9
-SPLIT = (3, 2, 1)
 DAMPING = 0.3
 
 MODELS = {
@@ -35,15 +35,7 @@ MODELS = {
 
 def build(name, reduction="sum"):
     """Return ``(model, loss, params, data)`` with 6 examples in uneven batches."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = MODELS[name]()
-        if name.startswith("gpt"):
-            X, y = torch.randint(0, 7, (6, 4)), torch.randint(0, 7, (6, 4))
-        else:
-            X, y = torch.randn(6, 3, 6, 6, dtype=F64), torch.randint(0, 3, (6,))
-    data = list(zip(X.split(SPLIT), y.split(SPLIT), strict=True))
-    return model, nn.CrossEntropyLoss(reduction=reduction), list(model.parameters()), data
+    return real_architectures.build(name, reduction, MODELS)
 
 
 def assert_close(actual, expected, rtol=RTOL):

@@ -47,11 +47,14 @@ MODELS = {
 MAIN_MODELS = ("gpt-sdpa-tied", "gpt-mha", "resnet-bn-eval")
 
 
-def build(name, reduction):
-    """Return ``(model, loss, params, data)`` with 6 examples in uneven batches."""
+def build(name, reduction, models=MODELS):
+    """Return ``(model, loss, params, data)`` with 6 examples in uneven batches.
+
+    ``models`` maps names to constructors; a name starting with ``gpt`` gets token data.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = MODELS[name]()
+        model = models[name]()
         if name.startswith("gpt"):
             X, y = torch.randint(0, 7, (6, 4)), torch.randint(0, 7, (6, 4))
         else:

@@ -21,7 +21,7 @@ from cola.ops import LinearOperator
 from cola_curvature._tracing import is_abstract
 from cola_curvature.algorithms import LanczosFunction
 from cola_curvature.matfree._convergence import report_failure
-from cola_curvature.matfree.krylov import _lanczos_step, tridiagonal_eigh
+from cola_curvature.matfree.krylov import _lanczos_step, _numpy, tridiagonal_eigh
 
 Array = Any
 
@@ -97,11 +97,6 @@ def _combination(
     coefficients = xnp.sum(vectors * (f(nodes) * vectors[:, 0, :])[:, None, :], axis=2)
     combined = sum(q * coefficients[:, j][None, :] for j, q in enumerate(basis))
     return combined * norms[None, :]
-
-
-def _numpy(array: Array, xnp: Any) -> np.ndarray:
-    """Return ``array`` as a float64 NumPy array."""
-    return np.asarray(xnp.to_np(array), dtype=np.float64)
 
 
 class MatrixFunction(LinearOperator):
