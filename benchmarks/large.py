@@ -43,13 +43,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -65,7 +63,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import cola_curvature as cc
 from benchmarks.harness import RESULTS_DIR, RESULTS_MD, _version, cpu_name, time_interleaved
 from benchmarks.measurements import DAMPING, OPERATORS, torch_peak_memory_mib
-from benchmarks.report import save_with_shared_legend, splice
+from benchmarks.report import (
+    add_output_arguments,
+    publish,
+    resolve_outputs,
+    save_with_shared_legend,
+)
 from benchmarks.workloads import kfac_params
 from cola_curvature.models import GPT, GPTConfig, resnet
 
@@ -858,16 +861,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's; --quick: 1)"
     )
-    parser.add_argument("--output-dir", type=Path, default=None, help="JSON and PNG go here")
-    parser.add_argument("--results-md", type=Path, default=None, help="Markdown to update")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.threads is None and args.quick:
         args.threads = 1
-    if args.output_dir is None:
-        args.output_dir = Path(tempfile.mkdtemp(prefix="large-")) if args.quick else RESULTS_DIR
-    if args.results_md is None:
-        args.results_md = args.output_dir / "RESULTS.md" if args.quick else RESULTS_MD
-    return args
+    return resolve_outputs(args, "large", RESULTS_DIR, RESULTS_MD)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -875,15 +873,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     record = run_all(args, argv)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.output_dir / "large.json"
-    png_path = args.output_dir / "large.png"
-    json_path.write_text(json.dumps(record, indent=1))
-    bar_chart(record, png_path)
-    section = markdown(record, args.results_md.parent, json_path, png_path)
-    splice(args.results_md, section, BEGIN, END)
-    print(section)
-    print(f"\n[large] {record['wall_s']:.0f} s; wrote {json_path}, {png_path}, {args.results_md}")
+    publish(record, args, "large", bar_chart, markdown, (BEGIN, END))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,3 +275,41 @@ def save_with_shared_legend(figure: Any, axes: Any, path: Path) -> None:
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--output-dir`` (JSON and PNG) and ``--results-md`` (the Markdown to update)."""
+    parser.add_argument("--output-dir", type=Path, default=None, help="JSON and PNG go here")
+    parser.add_argument("--results-md", type=Path, default=None, help="Markdown to update")
+
+
+def resolve_outputs(args: argparse.Namespace, name: str, results_dir: Path, results_md: Path):
+    """Fill the output defaults: a temporary folder for ``--quick``, else the repository's."""
+    if args.output_dir is None:
+        args.output_dir = Path(tempfile.mkdtemp(prefix=f"{name}-")) if args.quick else results_dir
+    if args.results_md is None:
+        args.results_md = args.output_dir / "RESULTS.md" if args.quick else results_md
+    return args
+
+
+def publish(
+    record: dict,
+    args: argparse.Namespace,
+    name: str,
+    figure: Callable[[dict, Path], None],
+    markdown: Callable[[dict, Path, Path, Path], str],
+    markers: tuple[str, str],
+) -> None:
+    """Write ``name.json``, the figure ``name.png`` and the Markdown section between ``markers``.
+
+    The section is printed, and a last line says where everything went.
+    """
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.output_dir / f"{name}.json"
+    png_path = args.output_dir / f"{name}.png"
+    json_path.write_text(json.dumps(record, indent=1))
+    figure(record, png_path)
+    section = markdown(record, args.results_md.parent, json_path, png_path)
+    splice(args.results_md, section, *markers)
+    print(section)
+    print(f"\n[{name}] {record['wall_s']:.0f} s; wrote {json_path}, {png_path}, {args.results_md}")

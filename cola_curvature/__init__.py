@@ -5,10 +5,14 @@ from cola_curvature import _compat  # noqa: F401  (pins and shims CoLA before an
 import dispatch_rules  # noqa: F401  (registers the rules on cola.linalg)
 
 # isort: on
+from importlib import import_module
 from importlib.util import find_spec
+from typing import Any
 
-from cola_curvature import estimators, losses, plotting
-from cola_curvature.algorithms import (
+from cola_curvature import estimators, losses, optim, plotting
+from cola_curvature.backends import curvature_backend
+from cola_curvature.laplace import Laplace
+from cola_curvature.matfree import (
     CG,
     MINRES,
     SLQ,
@@ -20,8 +24,6 @@ from cola_curvature.algorithms import (
     XDiag,
     XTrace,
 )
-from cola_curvature.backends import curvature_backend
-from cola_curvature.laplace import Laplace
 from cola_curvature.matfree._convergence import ConvergenceError, ConvergenceWarning
 from cola_curvature.operators import (
     EKFAC,
@@ -33,10 +35,14 @@ from cola_curvature.operators import (
     EigenKronecker,
     EmpiricalFisher,
     FisherMC,
+    GradientMoments,
     Hessian,
+    Jacobian,
+    JacobianTranspose,
     KroneckerBlock,
     KroneckerFactored,
     ShiftedCurvature,
+    Submatrix,
     SymmetryCurvature,
 )
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
@@ -62,6 +68,11 @@ __all__ = [
     "GGN",
     "Hessian",
     "ShiftedCurvature",
+    # Jacobians, gradient moments and blocks of parameter-space operators
+    "GradientMoments",
+    "Jacobian",
+    "JacobianTranspose",
+    "Submatrix",
     # algorithms of the matrix-free rules, and how they report failure
     "CG",
     "ConvergenceError",
@@ -94,6 +105,8 @@ __all__ = [
     "preconditioned_step",
     "shampoo_block",
     "symmetry_block",
+    # optimizers (cc.optim.SymmetryPreconditioned, cc.optim.KFAC, cc.optim.symmetry_preconditioned)
+    "optim",
     # laplace
     "Laplace",
     # options
@@ -105,4 +118,13 @@ __all__ = [
     "losses",
     # backends
     "curvature_backend",
+    # factors to and from curvlinops / laplace-torch (imported on first use)
+    "interop",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import :mod:`cola_curvature.interop` on first use (it imports torch, the peers later)."""
+    if name == "interop":
+        return import_module("cola_curvature.interop")
+    raise AttributeError(f"module 'cola_curvature' has no attribute {name!r}")

@@ -6,8 +6,6 @@ import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from cola_curvature.backends import CurvatureBackend
-
 
 def check_data(data: Any) -> None:
     """Raise ``TypeError`` unless ``data`` can be iterated over more than once."""
@@ -71,10 +69,10 @@ def _checked_batch_size(size: Any, targets: Any, index: int) -> int:
     return size
 
 
-def count_examples(
-    data: Iterable[Any], batch_size_fn: Callable[[Any], int], backend: CurvatureBackend
-) -> int:
+def count_examples(data: Iterable[Any], batch_size_fn: Callable[[Any], int], backend: Any) -> int:
     """Return the number of examples in ``data`` after checking every batch once.
+
+    ``backend`` is the operator's curvature backend (its ``check_batch`` validates arrays).
 
     Each batch must be a pair ``(X, y)`` with array targets, without NaN or infinite
     values, whose example count (``batch_size_fn(X)``) matches the targets' length.

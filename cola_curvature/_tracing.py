@@ -43,5 +43,10 @@ def finite_or_traced(value: Any) -> bool:
     """
     if is_traced(value):
         return True
+    return math.isfinite(scalar_value(value))
+
+
+def scalar_value(value: Any) -> float:
+    """Return a concrete scalar as a float, through ``detach()`` for a torch scalar with grad."""
     detach = getattr(value, "detach", None)
-    return math.isfinite(float(detach() if callable(detach) else value))
+    return float(detach() if callable(detach) else value)

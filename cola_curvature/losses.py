@@ -34,10 +34,30 @@ class RandomSource(Protocol):
 class Loss(ABC):
     """A loss ``ℓ(f, y)`` that is a sum of independent terms over positions of the output.
 
-    Every loss here is the negative log-likelihood ``-log q(y | f)`` of an exponential
-    family (up to an additive constant), so the Fisher of ``q`` equals the output
-    Hessian ``∇²_f ℓ`` and Monte-Carlo samples of ``∇_f ℓ(f, ŷ)``, ``ŷ ~ q(·|f)``,
-    have that Hessian as their second moment.
+    The curvature operators use a loss only through these methods, on one batch of
+    outputs ``f`` (shape ``(N, ...)``, example axis first) and targets ``y``:
+
+    - :meth:`check_target` ``(f, y)``: called first on every batch; raise ``ValueError``.
+    - :meth:`sum_value`: ``Σ_n ℓ(f_n, y_n)`` (the Hessian operator differentiates it).
+    - :meth:`output_gradient`: ``∇_f Σ_n ℓ`` (empirical Fisher, Monte-Carlo Fisher).
+    - :meth:`hessian_matmat`: ``∇²_{f_n} ℓ · u_n`` per example (GGN). Must be PSD.
+    - :meth:`hessian_sqrt`: ``S`` with ``Σ_k S[k, n] S[k, n]ᵀ = ∇²_{f_n} ℓ`` (KFAC type-2,
+      diagonal curvature).
+    - :meth:`sample`: targets ``ŷ ~ q(·|f)`` of the likelihood ``q`` whose negative log is
+      ``ℓ`` (Monte-Carlo Fisher, ``fisher_type="mc"``); raise ``ValueError`` if there is none.
+    - :meth:`terms_per_example` and :meth:`scale`: the ``"mean"`` divisor ``N · T``.
+
+    Writing a loss: subclass ``Loss`` and implement the six abstract methods with the
+    array operations of :func:`cola.backends.get_library_fns` (``xnp``), so one class
+    serves torch and JAX; override :meth:`terms_per_example` if ``"mean"`` does not
+    divide by ``numel(f_n)``. A loss that is ``-log q(y|f)`` of an exponential family with
+    natural parameter ``f`` has ``E_{ŷ~q}[∇ℓ ∇ℓᵀ] = ∇²_f ℓ``, so its Monte-Carlo Fisher
+    estimates its GGN. A loss whose output Hessian depends on the targets reads them from
+    the ``y`` of :meth:`hessian_matmat` / :meth:`hessian_sqrt`. Pass the object as
+    ``loss_func`` to any operator; the README's "Custom losses" section has a complete
+    example, and
+    :class:`~cola_curvature.losses_callable.CallableLoss` derives all methods from one
+    function by autodiff.
 
     Args:
         reduction: ``"sum"`` or ``"mean"`` (see :class:`Reduction`).
@@ -59,12 +79,17 @@ class Loss(ABC):
         """Return ``∇_f Σ_n ℓ(f_n, y_n)``, the same shape as ``f``."""
 
     @abstractmethod
-    def hessian_matmat(self, f: Array, u: Array) -> Array:
-        """Return ``∇²_f ℓ · u`` for ``u`` of shape ``(k, *f.shape)``, applied per example."""
+    def hessian_matmat(self, f: Array, u: Array, y: Array | None = None) -> Array:
+        """Return ``∇²_f ℓ · u`` for ``u`` of shape ``(k, *f.shape)``, applied per example.
+
+        ``y`` are the batch's targets; only a loss whose output Hessian depends on them
+        (Huber, :class:`~cola_curvature.losses_callable.CallableLoss`) reads them, and
+        raises without them (:func:`required_targets`). The operators always pass them.
+        """
 
     @abstractmethod
-    def hessian_sqrt(self, f: Array) -> Array:
-        """Return an exact symmetric factor ``S`` of each example's output Hessian.
+    def hessian_sqrt(self, f: Array, y: Array | None = None) -> Array:
+        """Return an exact symmetric factor ``S`` of each example's output Hessian at ``y``.
 
         ``S`` has shape ``(K, *f.shape)`` with ``K = numel(f_n)`` columns per example, and
         ``Σ_k vec(S[k, n]) vec(S[k, n])ᵀ = ∇²_{f_n} ℓ(f_n, y_n)`` for every example ``n``.
@@ -95,8 +120,16 @@ class Loss(ABC):
         rows = num_samples * f.shape[0]
         stacked = (ones * f[None]).reshape((rows,) + tuple(f.shape[1:]))
         flat_targets = targets.reshape((rows,) + tuple(targets.shape[2:]))
-        gradients = self.output_gradient(stacked, flat_targets)
+        gradients = self.likelihood_gradient(stacked, flat_targets)
         return gradients.reshape((num_samples,) + tuple(f.shape))
+
+    def likelihood_gradient(self, f: Array, y: Array) -> Array:
+        """Return ``∇_f (-log q(y | f))`` at sampled targets: :meth:`output_gradient` here.
+
+        Losses that are not exactly ``-log q`` (label smoothing) override it, so that
+        Monte-Carlo gradients keep ``E[d dᵀ] = ∇²_f ℓ``.
+        """
+        return self.output_gradient(f, y)
 
     @abstractmethod
     def check_target(self, f: Array, y: Array) -> None:
@@ -111,6 +144,20 @@ class Loss(ABC):
         if self.reduction is Reduction.SUM:
             return 1.0
         return 1.0 / (num_data * self.terms_per_example(f))
+
+
+def required_targets(loss: Loss, y: Array | None) -> Array:
+    """Return the targets a loss's output Hessian depends on; raise when none were given.
+
+    Raises:
+        ValueError: when ``y`` is ``None``.
+    """
+    if y is None:
+        raise ValueError(
+            f"{type(loss).__name__}'s output Hessian depends on the targets: pass y to "
+            "hessian_matmat / hessian_sqrt."
+        )
+    return y
 
 
 def _diagonal_factor(f: Array, sqrt_diagonal: Array) -> Array:
@@ -139,11 +186,11 @@ class MSE(Loss):
         """Return ``2 (f - y)``."""
         return 2 * (f - y)
 
-    def hessian_matmat(self, f: Array, u: Array) -> Array:
+    def hessian_matmat(self, f: Array, u: Array, y: Array | None = None) -> Array:
         """Return ``2 u``."""
         return 2 * u
 
-    def hessian_sqrt(self, f: Array) -> Array:
+    def hessian_sqrt(self, f: Array, y: Array | None = None) -> Array:
         """Return ``√2 e_k`` for every output entry ``k``, shape ``(numel(f_n), *f.shape)``."""
         return _diagonal_factor(f, math.sqrt(2.0) * (0 * f + 1))
 
@@ -168,7 +215,29 @@ class CrossEntropy(Loss):
     ``p = softmax(f)`` the output Hessian per term is ``diag(p) - p pᵀ`` and
     ``S = diag(√p) - p √pᵀ`` satisfies ``S Sᵀ = diag(p) - p pᵀ`` (because ``Σ p = 1``).
     ``"mean"`` divides by ``N · d_1 ⋯``.
+
+    Label smoothing ``ε`` (as torch's ``label_smoothing``) replaces the one-hot target by
+    ``t = (1 - ε) onehot(y) + ε / C``: ``ℓ = -Σ_c t_c log p_c``, gradient ``p - t``. Since
+    ``Σ_c t_c = 1`` the output Hessian (GGN, type-2 factor) is unchanged. Monte-Carlo
+    targets are still drawn from ``softmax(f)`` and their gradients are those of the
+    unsmoothed ``-log p_ŷ`` (:meth:`likelihood_gradient`), so the Monte-Carlo Fisher
+    estimates the GGN; the empirical Fisher uses the smoothed gradient at the data.
+
+    Args:
+        reduction: ``"sum"`` or ``"mean"``.
+        label_smoothing: ``ε`` in ``[0, 1]``.
     """
+
+    def __init__(self, reduction: str | Reduction = "mean", label_smoothing: float = 0.0) -> None:
+        super().__init__(reduction)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}.")
+        self.label_smoothing = float(label_smoothing)
+
+    def _smoothed(self, y: Array, f: Array) -> Array:
+        """Return the smoothed targets ``(1 - ε) onehot(y) + ε / C`` along axis 1."""
+        epsilon = self.label_smoothing
+        return (1 - epsilon) * self._one_hot(y, f) + epsilon / f.shape[1]
 
     def _probabilities(self, f: Array) -> Array:
         """Return ``softmax(f)`` along the class axis."""
@@ -188,21 +257,25 @@ class CrossEntropy(Loss):
         return math.prod(f.shape[2:])
 
     def sum_value(self, f: Array, y: Array) -> Array:
-        """Return ``-Σ log softmax(f)_y``."""
+        """Return ``-Σ t · log softmax(f)`` (``t = onehot(y)`` without smoothing)."""
         xnp = get_library_fns(f.dtype)
-        return -(self._one_hot(y, f) * xnp.log_softmax(f, axis=1)).sum()
+        return -(self._smoothed(y, f) * xnp.log_softmax(f, axis=1)).sum()
 
     def output_gradient(self, f: Array, y: Array) -> Array:
-        """Return ``softmax(f) - onehot(y)``."""
+        """Return ``softmax(f) - t``."""
+        return self._probabilities(f) - self._smoothed(y, f)
+
+    def likelihood_gradient(self, f: Array, y: Array) -> Array:
+        """Return ``softmax(f) - onehot(y)``, the gradient of ``-log p_y`` (no smoothing)."""
         return self._probabilities(f) - self._one_hot(y, f)
 
-    def hessian_matmat(self, f: Array, u: Array) -> Array:
+    def hessian_matmat(self, f: Array, u: Array, y: Array | None = None) -> Array:
         """Return ``p ⊙ u - p (pᵀ u)`` along the class axis."""
         p = self._probabilities(f)
         pu = p * u
         return pu - p * pu.sum(2, keepdims=True)
 
-    def hessian_sqrt(self, f: Array) -> Array:
+    def hessian_sqrt(self, f: Array, y: Array | None = None) -> Array:
         """Return ``S[(c, p)] = √p_c (e_c - p)`` at position ``p`` only, ``K = C · d_1 ⋯``.
 
         Shape ``(C · P, *f.shape)`` with ``P = d_1 ⋯`` positions; column ``(c, p)`` is zero
@@ -272,12 +345,12 @@ class BCEWithLogits(Loss):
         """Return ``σ(f) - y``."""
         return self._sigmoid(f) - y
 
-    def hessian_matmat(self, f: Array, u: Array) -> Array:
+    def hessian_matmat(self, f: Array, u: Array, y: Array | None = None) -> Array:
         """Return ``σ(1 - σ) ⊙ u``."""
         s = self._sigmoid(f)
         return s * (1 - s) * u
 
-    def hessian_sqrt(self, f: Array) -> Array:
+    def hessian_sqrt(self, f: Array, y: Array | None = None) -> Array:
         """Return ``√(σ_k(1 - σ_k)) e_k`` per output entry, shape ``(numel(f_n), *f.shape)``."""
         xnp = get_library_fns(f.dtype)
         s = self._sigmoid(f)
@@ -302,4 +375,34 @@ class BCEWithLogits(Loss):
             )
 
 
-SUPPORTED_LOSSES = (MSE, CrossEntropy, BCEWithLogits)
+# The further losses live in their own modules and import the base classes above.
+from cola_curvature.losses_callable import CallableLoss  # noqa: E402
+from cola_curvature.losses_extra import NLL, GaussianNLL, Huber, PoissonNLL, SmoothL1  # noqa: E402
+
+SUPPORTED_LOSSES = (
+    MSE,
+    CrossEntropy,
+    NLL,
+    BCEWithLogits,
+    GaussianNLL,
+    PoissonNLL,
+    Huber,
+    SmoothL1,
+    CallableLoss,
+)
+
+__all__ = [
+    "SUPPORTED_LOSSES",
+    "BCEWithLogits",
+    "CallableLoss",
+    "CrossEntropy",
+    "GaussianNLL",
+    "Huber",
+    "Loss",
+    "MSE",
+    "NLL",
+    "PoissonNLL",
+    "RandomSource",
+    "SmoothL1",
+    "required_targets",
+]

@@ -36,6 +36,36 @@ class FisherType(str, Enum):
     EMPIRICAL = "empirical"
     FORWARD_ONLY = "forward-only"
 
+    @classmethod
+    def _missing_(cls, value: object) -> FisherType | None:
+        """Return the member for another library's spelling or enum, ``None`` if unknown.
+
+        Strings are matched case-insensitively with ``_`` read as ``-`` (``"type_2"``,
+        ``"forward_only"``) and through :data:`FISHER_TYPE_ALIASES` (``"ef"`` of
+        laplace-torch, ``"type2"``, ``"ggn"``). Members of any other ``Enum``, such as
+        curvlinops' ``FisherType``, are matched by their ``value``, then their ``name``.
+        """
+        if isinstance(value, Enum):
+            return cls._missing_(value.value) or cls._missing_(value.name)
+        if not isinstance(value, str):
+            return None
+        spelling = value.strip().lower().replace("_", "-")
+        return cls._value2member_map_.get(FISHER_TYPE_ALIASES.get(spelling, spelling))
+
+    @classmethod
+    def accepted_spellings(cls) -> list[str]:
+        """Return the values and aliases :class:`FisherType` accepts, for error messages."""
+        return [member.value for member in cls] + list(FISHER_TYPE_ALIASES)
+
+
+#: Other spellings of the :class:`FisherType` values (after lower-casing and ``_`` → ``-``).
+FISHER_TYPE_ALIASES = {
+    "type2": "type-2",
+    "ggn": "type-2",
+    "ef": "empirical",
+    "empirical-fisher": "empirical",
+}
+
 
 class KFACApprox(str, Enum):
     """How KFAC treats weight sharing (sequence positions, convolution patches).
@@ -62,6 +92,20 @@ class Uncovered(str, Enum):
     ERROR = "error"
     DIAGONAL = "diagonal"
     DENSE = "dense"
+
+
+class SharedWeights(str, Enum):
+    """What KFAC and EKFAC do with a weight that several layer calls use (a tied lm-head).
+
+    Attributes:
+        KRONECKER: one block, the nearest Kronecker product (Frobenius norm) of the sum of
+            the uses' blocks (:mod:`cola_curvature.kfac_statistics.shared_weights`).
+        UNCOVERED: no Kronecker block; the weight is left to ``uncovered`` (its exact
+            diagonal or dense block, or an error).
+    """
+
+    KRONECKER = "kronecker"
+    UNCOVERED = "uncovered"
 
 
 class DampingMode(str, Enum):
@@ -101,5 +145,6 @@ def parse_option(enum: type[Enum], value: Any, what: str) -> Any:
     try:
         return enum(value)
     except ValueError:
-        valid = ", ".join(repr(m.value) for m in enum)
+        spellings = getattr(enum, "accepted_spellings", lambda: [m.value for m in enum])()
+        valid = ", ".join(repr(spelling) for spelling in spellings)
         raise ValueError(f"Unsupported {what} {value!r}; expected one of {valid}.") from None

@@ -6,8 +6,8 @@ from cola.linalg import Algorithm, Auto
 from cola.ops import Dense
 from plum import dispatch
 
-from cola_curvature.algorithms import LanczosEig
-from cola_curvature.matfree.krylov import check_which, lanczos_eigenpairs, select
+from cola_curvature.matfree import EigenSolver, LanczosEig
+from cola_curvature.matfree.krylov import check_which, select
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import MatrixFreeCurvature
@@ -29,22 +29,13 @@ def eig(A: KroneckerFactored, k: int, which: str, alg: Algorithm):
 
 # extreme eigenpairs of a symmetric operator known by its products: Lanczos, fully reorthogonalised
 @dispatch(precedence=1)
-def eig(A: MatrixFreeCurvature | DiagonalPlusLowRank, k: int, which: str, alg: Auto | LanczosEig):  # noqa: F811
+def eig(A: MatrixFreeCurvature | DiagonalPlusLowRank, k: int, which: str, alg: Auto | EigenSolver):  # noqa: F811
     """Return ``k`` eigenvalues ordered by ``which`` and their eigenvectors (``Dense (D, k)``).
 
-    Lanczos with full reorthogonalisation and restarts on breakdown
-    (:func:`~cola_curvature.matfree.krylov.lanczos_eigenpairs`); ``Auto`` means
-    ``LanczosEig()``. Extreme eigenvalues (``"LA"``, ``"SA"``, and ``"LM"``) converge
-    first; ``"SM"`` of an indefinite operator is interior and may need ``max_iters ≈ D``.
+    ``alg.eigs(A, k, which)`` of any :class:`~cola_curvature.matfree.EigenSolver`; ``Auto``
+    means ``LanczosEig()``: Lanczos with full reorthogonalisation and restarts on
+    breakdown. Extreme eigenvalues (``"LA"``, ``"SA"``, and ``"LM"``) converge first;
+    ``"SM"`` of an indefinite operator is interior and may need ``max_iters ≈ D``.
     """
-    lanczos = LanczosEig() if isinstance(alg, Auto) else alg
-    values, vectors = lanczos_eigenpairs(
-        A,
-        k,
-        which,
-        tol=lanczos.tol,
-        max_iters=lanczos.max_iters,
-        seed=lanczos.seed,
-        on_failure=lanczos.on_failure,
-    )
+    values, vectors = (LanczosEig() if isinstance(alg, Auto) else alg).eigs(A, k, which)
     return values, Dense(vectors)

@@ -8,12 +8,24 @@ from cola.linalg import Algorithm, Auto
 from cola.ops import LinearOperator
 from plum import dispatch
 
-from cola_curvature.algorithms import CG, MINRES, Neumann
+from cola_curvature.matfree import CG, MINRES, LinearSolver
 from cola_curvature.matfree.solvers import IterativeInverse
+from cola_curvature.operators._interface import ParameterSpaceInterface
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
-from cola_curvature.operators.shifted import CurvatureInverse, MatrixFreeCurvature
+from cola_curvature.operators.shifted import MatrixFreeCurvature
 from dispatch_rules._spectrum import zero_cutoff
+
+
+class CurvatureInverse(ParameterSpaceInterface, IterativeInverse):
+    """:class:`~cola_curvature.matfree.solvers.IterativeInverse` of a curvature operator.
+
+    Accepts the same input formats as the operator (``(D,)``, ``(D, k)``, parameter-shaped).
+    """
+
+    def __init__(self, A: MatrixFreeCurvature, alg: LinearSolver) -> None:
+        self._backend = A._backend
+        super().__init__(A, alg)
 
 
 # (P ⊕_l (Q_G⊗Q_A) S_l (Q_G⊗Q_A)ᵀ Pᵀ)⁻¹ = P ⊕_l (Q_G⊗Q_A) S_l⁻¹ (Q_G⊗Q_A)ᵀ Pᵀ; (G⊗A)⁻¹ = G⁻¹⊗A⁻¹
@@ -67,8 +79,12 @@ def inv(A: MatrixFreeCurvature, alg: Auto):  # noqa: F811
 
 
 @dispatch(precedence=1)
-def inv(A: MatrixFreeCurvature, alg: CG | MINRES | Neumann):  # noqa: F811
-    """Return ``A⁻¹`` as an operator whose ``@`` runs ``alg`` on all columns together."""
+def inv(A: MatrixFreeCurvature, alg: LinearSolver):  # noqa: F811
+    """Return ``A⁻¹`` as an operator whose ``@`` runs ``alg.solve`` on all columns together.
+
+    Any :class:`~cola_curvature.matfree.LinearSolver` serves (``cc.CG``, ``cc.MINRES``,
+    ``cc.Neumann``, or a new subclass).
+    """
     return CurvatureInverse(A, alg)
 
 
@@ -90,8 +106,8 @@ def inv(A: DiagonalPlusLowRank, alg: Algorithm):  # noqa: F811
 
 # A⁻¹ B by our solvers on any other symmetric CoLA operator (a Sum of two KFACs, ...)
 @dispatch(precedence=-1)
-def inv(A: LinearOperator, alg: CG | MINRES | Neumann):  # noqa: F811
-    """Return ``A⁻¹`` as an operator whose ``@`` runs ``alg`` (``A`` must be symmetric).
+def inv(A: LinearOperator, alg: LinearSolver):  # noqa: F811
+    """Return ``A⁻¹`` as an operator whose ``@`` runs ``alg.solve`` (``A`` must be symmetric).
 
     Structured operators CoLA inverts exactly (identity, diagonal, block-diagonal, ...)
     keep their exact rules; these come first.

@@ -65,10 +65,11 @@ def newton_step(model: nn.Module, data: list, x: torch.Tensor, y: torch.Tensor, 
 
 
 def timed(label: str, fn):
-    """Run ``fn`` and print its wall time."""
+    """Announce the stage, run ``fn`` and print its wall time."""
+    print(f"  {label}...", end="", flush=True)
     start = time.perf_counter()
     result = fn()
-    print(f"  [{label}: {time.perf_counter() - start:.2f} s]")
+    print(f" {time.perf_counter() - start:.2f} s")
     return result
 
 
@@ -88,8 +89,10 @@ def main() -> None:
     params = list(model.parameters())
     print(f"MLP 1-50-1, D = {sum(p.numel() for p in params)} parameters, N = {x.shape[0]} points")
 
-    timed("Adam", lambda: train(model, x, y, args.steps))
-    before, after = timed("Newton-CG step", lambda: newton_step(model, data, x, y, 1e-2))
+    timed(f"training: {args.steps} Adam steps", lambda: train(model, x, y, args.steps))
+    before, after = timed(
+        "one damped Newton-CG step on the GGN", lambda: newton_step(model, data, x, y, 1e-2)
+    )
     print(f"training MSE after Adam {before:.5f}, after the damped Newton-CG step {after:.5f}")
 
     grid = torch.linspace(-1, 9, 200, dtype=F64)[:, None]
@@ -97,15 +100,22 @@ def main() -> None:
     for axis, curvature in zip(axes, ["kfac", "full"], strict=True):
         print(f"Laplace, curvature={curvature!r}")
         laplace = timed(
-            "curvature", lambda c=curvature: cc.Laplace(model, nn.MSELoss(), params, data, c)
+            f"fitting the {curvature} Laplace posterior",
+            lambda c=curvature: cc.Laplace(model, nn.MSELoss(), params, data, c),
         )
         initial = laplace.log_marginal_likelihood().item()
-        timed("marginal likelihood", lambda la=laplace: la.optimize_prior_precision(steps=150))
+        timed(
+            "tuning δ and σ by the marginal likelihood (150 Adam steps)",
+            lambda la=laplace: la.optimize_prior_precision(steps=150, progressbar=False),
+        )
         print(
             f"  log marginal likelihood {initial:.2f} -> {laplace.log_marginal_likelihood():.2f}"
             f"  prior precision {laplace.prior_precision:.4f}  σ {laplace.sigma_noise:.4f}"
         )
-        mean, covariance = timed("predictive", lambda la=laplace: la.predictive(grid))
+        mean, covariance = timed(
+            f"linearised predictive on {grid.shape[0]} inputs",
+            lambda la=laplace: la.predictive(grid),
+        )
         std = (covariance[:, 0, 0] + laplace.sigma_noise**2).sqrt()
         axis.scatter(x[:, 0], y[:, 0], s=8, color="gray", label="data")
         axis.plot(grid[:, 0], mean[:, 0], label="predictive mean")

@@ -1,5 +1,7 @@
 """Fixtures generated from the case matrix in ``tests/cases.py``."""
 
+import os
+
 import pytest
 import torch
 
@@ -8,6 +10,10 @@ from tests.cases import CASES
 # Every test problem is tiny: intra-op threads only add overhead, and with pytest-xdist
 # workers they oversubscribe the cores (the reference suite ran 7x slower on 2 cores).
 torch.set_num_threads(1)
+# The JAX tests compile hundreds of tiny programs, each run a few times: XLA's backend
+# optimisation costs more than it saves (20-40% of those files' CPU time). Read when jax is
+# first imported (nothing above imports it); subprocesses inherit it. Same values, to rounding.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 @pytest.fixture(params=CASES, ids=[case.id for case in CASES])

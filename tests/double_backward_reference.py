@@ -35,8 +35,13 @@ def model_at(model, params):
     _, unflatten = flat_params_and_unflatten(params)
 
     def evaluate(theta, x):
+        # functional_call does not restore a module registered under two names
+        originals = [(m, dict(m._parameters)) for m in model.modules()]
         with sdpa_kernel(SDPBackend.MATH):
-            return functional_call(model, dict(zip(keys, unflatten(theta), strict=True)), (x,))
+            outputs = functional_call(model, dict(zip(keys, unflatten(theta), strict=True)), (x,))
+        for module, parameters in originals:
+            module._parameters.update(parameters)
+        return outputs
 
     return evaluate
 

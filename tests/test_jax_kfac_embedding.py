@@ -65,20 +65,28 @@ def dense(operator):
     return np.asarray(jax.jit(lambda: operator @ jnp.eye(operator.shape[0]))())
 
 
-@pytest.mark.parametrize("operator_type", [cc.KFAC, cc.EKFAC])
-def test_embedding_kfac_is_exact_for_a_linear_model_with_mse(operator_type):
-    """Embedding then dense with MSE per position: expand KFAC (and so EKFAC) equals the
-    GGN's blocks, with tokens repeated within an example and one never seen."""
+@pytest.fixture(scope="module")
+def take_regression(jax_float64):
+    """``(model_fn, loss, params, data, dense GGN)`` of the ``take`` model, shared by KFAC and
+    EKFAC (one ``model_fn`` and loss object: they share the compiled statistics)."""
     model_fn, params = embedding_regression(LOOKUPS["take"])
     data = token_batches((5, 3))
+    ggn = np.asarray(jax_reference.dense_ggn(model_fn, "mse", "sum", params, data))
+    return model_fn, cc.losses.MSE(reduction="sum"), params, data, ggn
+
+
+@pytest.mark.parametrize("operator_type", [cc.KFAC, cc.EKFAC])
+def test_embedding_kfac_is_exact_for_a_linear_model_with_mse(take_regression, operator_type):
+    """Embedding then dense with MSE per position: expand KFAC (and so EKFAC) equals the
+    GGN's blocks, with tokens repeated within an example and one never seen."""
+    model_fn, loss, params, data, ggn = take_regression
     assert any(len(set(x.tolist())) < len(x) for tokens, _ in data for x in tokens)
-    operator = operator_type(model_fn, cc.losses.MSE(reduction="sum"), params, data, **FAST)
+    operator = operator_type(model_fn, loss, params, data, **FAST)
     assert [layer.kind for layer in operator.layers] == ["embedding", "dense"]
     if operator_type is cc.KFAC:
         assert operator.blocks[0].input_factor.shape == (VOCAB,)  # a diagonal, never V × V
     else:
         assert operator.blocks[0].q_in is None  # the identity basis, never V × V
-    ggn = np.asarray(jax_reference.dense_ggn(model_fn, "mse", "sum", params, data))
     built = dense(operator)
     for layer in operator.layers:
         positions = flat_entries(params, {layer.weight_index, layer.bias_index} - {None})
@@ -124,12 +132,13 @@ def test_a_transposed_table_is_found_with_its_own_layout():
     "body",
     [
         lambda p, x: p["table"][:, x % WIDTH].sum(0)[..., None] * p["w"][0],  # columns
-        lambda p, x: (p["table"][x] + p["table"][x + 1]) @ p["w"],  # looked up twice
-        lambda p, x: jnp.tanh(p["table"][x] @ p["w"]) @ p["table"].T,  # tied head
+        lambda p, x: jnp.tanh(p["table"][x] @ p["w"]) @ jnp.tanh(p["table"]).T,  # other op
         # a position table all examples share: its lookups are not one per example
         lambda p, x: x[..., None] * (p["table"][jnp.arange(x.shape[1])] @ p["w"]),
+        # shared positions next to a per-example lookup: the table's uses are incomplete
+        lambda p, x: (p["table"][x] + p["table"][jnp.arange(x.shape[1])]) @ p["w"],
     ],
-    ids=["column-gather", "two-lookups", "tied-head", "shared-positions"],
+    ids=["column-gather", "other-op", "shared-positions", "shared-and-per-example"],
 )
 def test_other_uses_of_a_table_leave_it_uncovered(body):
     params = {"table": normal(0, VOCAB, WIDTH), "w": normal(1, WIDTH, WIDTH)}
@@ -164,10 +173,15 @@ def test_token_inputs_give_the_gathers_own_gradient_for_out_of_range_indices(loo
     assert relative_error(gradient, expected["table"]) < EXACT_RTOL
 
 
+@pytest.fixture(scope="module")
+def untied_gpt(jax_float64):
+    """Operator arguments of the untied GPT, shared by KFAC and EKFAC (one ``model_fn``)."""
+    return operator_arguments(torch_gpt(tie_weights=False))
+
+
 @pytest.mark.parametrize("operator_type", [cc.KFAC, cc.EKFAC])
-def test_jax_and_torch_agree_on_the_untied_gpt_with_its_token_embedding(operator_type):
-    model = torch_gpt(tie_weights=False)
-    torch_args, jax_args, perm = operator_arguments(model)
+def test_jax_and_torch_agree_on_the_untied_gpt_with_its_token_embedding(untied_gpt, operator_type):
+    torch_args, jax_args, perm = untied_gpt
     V, V_jax = vectors(perm)
     options = {"uncovered": "diagonal", **FAST}
     torch_operator = operator_type(*torch_args, **options)
@@ -179,10 +193,17 @@ def test_jax_and_torch_agree_on_the_untied_gpt_with_its_token_embedding(operator
     assert relative_error(jax_operator @ V_jax, expected) < EXACT_RTOL
 
 
-def test_the_tied_gpt_keeps_its_token_embedding_uncovered():
-    """``wte.weight`` is both the table and the lm-head: no Kronecker layer owns it."""
-    model = torch_gpt()
-    _, (model_fn, loss, params, data), _ = operator_arguments(model)
-    layers = JaxBackend(model_fn, loss, params).kronecker_layers(data)
-    assert "['wte.weight']" not in [layer.name for layer in layers]
-    assert "['wte.weight']" in JaxBackend(model_fn, loss, params).param_names
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda p, x: (p["table"][x] + p["table"][x + 1]) @ p["w"],  # looked up twice
+        lambda p, x: jnp.tanh(p["table"][x] @ p["w"]) @ p["table"].T,  # tied head
+    ],
+    ids=["two-lookups", "tied-head"],
+)
+def test_a_table_used_by_two_layers_is_one_shared_layer(body):
+    params = {"table": normal(0, VOCAB, WIDTH), "w": normal(1, WIDTH, WIDTH)}
+    layers = JaxBackend(body, cc.losses.MSE(), params).kronecker_layers(token_batches((4, 3)))
+    (shared,) = [layer for layer in layers if layer.name == "['table']"]
+    assert shared.kind == "shared"
+    assert [use.name for use in shared.uses] == ["['table']#0", "['table']#1"]

@@ -230,15 +230,6 @@ def test_kfac_options_are_validated():
         cc.KFAC(grouped, loss_func, list(grouped.parameters()), [(X, X)])
 
 
-def test_a_layer_called_twice_is_rejected():
-    torch.manual_seed(8)
-    layer = nn.Linear(2, 2).to(F64)
-    model = nn.Sequential(layer, nn.Tanh(), layer)
-    X = torch.randn(4, 2, dtype=F64)
-    with pytest.raises(ValueError, match="ran 2 times"):
-        cc.KFAC(model, nn.MSELoss(), list(model.parameters()), [(X, X)])
-
-
 class SequenceClassifier(nn.Module):
     """The same Linear over a sequence, tanh, a Linear head; CE outputs (N, C, T)."""
 

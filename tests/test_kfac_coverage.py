@@ -50,14 +50,12 @@ NORMS = (nn.LayerNorm, nn.BatchNorm2d, RMSNorm)
 def uncovered_indices(model, params):
     """Return the positions in ``params`` no Kronecker layer should own.
 
-    Norm scales and shifts, the position table (``wpe(arange(T))`` is shared by all
-    examples) and a weight tied between the embedding and the lm-head.
+    Norm scales and shifts and the position table (``wpe(arange(T))`` is shared by all
+    examples); a weight tied between the embedding and the lm-head has a shared block.
     """
     expected = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters()}
     if hasattr(model, "wpe"):
         expected.add(id(model.wpe.weight))
-        if model.lm_head.weight is model.wte.weight:
-            expected.add(id(model.wte.weight))
     return {i for i, p in enumerate(params) if id(p) in expected}
 
 

@@ -96,8 +96,6 @@ def test_torch_losses_are_translated_and_options_are_checked():
         as_loss(nn.L1Loss())
     with pytest.raises(ValueError, match="reduction 'none'.*'sum', 'mean'"):
         as_loss(nn.MSELoss(reduction="none"))
-    with pytest.raises(ValueError, match="label_smoothing"):
-        as_loss(nn.CrossEntropyLoss(label_smoothing=0.1))
     with pytest.raises(ValueError, match="weight"):
         as_loss(nn.CrossEntropyLoss(weight=torch.ones(3)))
 

@@ -196,12 +196,13 @@ def test_laplace_on_a_language_model_gives_class_probabilities_per_position(meth
     assert (sums - 1).abs().max() <= 1e-12
 
 
-def test_kfac_leaves_a_tied_weight_uncovered_instead_of_using_one_of_its_uses():
-    """The lm-head's factors describe one use of the tied tensor: never its whole block."""
+def test_kfac_gives_a_tied_weight_its_exact_block_when_asked():
+    """``shared_weights="uncovered"`` leaves the tied tensor to ``uncovered``: its exact block."""
     model, loss, params, data = build("gpt-sdpa-tied", "sum")
-    with pytest.raises(ValueError, match="wte.weight"):
-        cc.KFAC(model, loss, params, data)
-    kfac = cc.KFAC(model, loss, params, data, uncovered="dense").to_dense()
+    with pytest.raises(ValueError, match="wte.weight.*shared_weights='uncovered'"):
+        cc.KFAC(model, loss, params, data, shared_weights="uncovered")
+    options = {"uncovered": "dense", "shared_weights": "uncovered"}
+    kfac = cc.KFAC(model, loss, params, data, **options).to_dense()
     ggn = ref.dense_ggn(model, loss, params, data)
     size = model.wte.weight.numel()  # the first entry of params
     assert_close(kfac[:size, :size], ggn[:size, :size])

@@ -20,7 +20,8 @@ def curvature_backend(model: object, loss_func: Any, params: Any) -> CurvatureBa
         f"{type(loss_func).__name__}; expected a torch.nn.Module (install the 'torch' extra), "
         "or a JAX model_fn(params, x) with a cola_curvature.losses object such as "
         "cc.losses.MSE() (install the 'jax' extra), or a flax or equinox module with such a "
-        "loss (extras 'flax', 'equinox')."
+        "loss (extras 'flax', 'equinox'); wrap a plain loss function as "
+        "cc.losses.CallableLoss(fn, reduction=...)."
     )
 
 

@@ -20,8 +20,25 @@ OutputMatmat = Callable[[Array, Array, Array, RandomSource | None], Array]
 BatchRisk = Callable[[Array, Array], Array]
 
 
+def require_loss(loss: Loss | None) -> Loss:
+    """Return ``loss``, or raise ``TypeError`` for a backend built with ``loss_func=None``."""
+    if loss is None:
+        raise TypeError(
+            "loss_func is None, but this computation needs a loss: pass e.g. nn.MSELoss(), "
+            "nn.CrossEntropyLoss() or a cola_curvature.losses object such as cc.losses.MSE(). "
+            "Only the Jacobian operators (cc.Jacobian, cc.JacobianTranspose) take no loss."
+        )
+    return loss
+
+
 class CurvatureBackend(Protocol):
-    """Products with the Jacobian and Hessian of a model, and the plumbing around them."""
+    """Products with the Jacobian and Hessian of a model, and the plumbing around them.
+
+    Built by ``curvature_backend(model, loss_func, params)``; with ``loss_func=None`` only
+    the model-output products work (``forward``, ``output_jvp``, ``output_vjp``,
+    ``output_jacobian``), and reading ``loss`` raises ``TypeError`` (see
+    :func:`require_loss`).
+    """
 
     loss: Loss
     dtype: Any
@@ -60,6 +77,12 @@ class CurvatureBackend(Protocol):
 
     def output_jacobian(self, inputs: Any) -> tuple[Array, Array]:
         """Return ``f(x)`` and ``∂f/∂θ`` of shape ``(*f.shape, D)``."""
+
+    def output_jvp(self, columns: ParamColumns, inputs: Any) -> Array:
+        """Return ``J V`` of shape ``(k, *f.shape)`` for one batch of inputs (forward mode)."""
+
+    def output_vjp(self, cotangents: Array, inputs: Any) -> ParamColumns:
+        """Return ``Jᵀ U`` for output cotangents ``U`` of shape ``(k, *f.shape)`` (reverse mode)."""
 
     def value_and_grad(
         self, fn: Callable[..., Array], variables: Sequence[Array]

@@ -1,28 +1,49 @@
-"""Seeded random test vectors for a CoLA operator's backend, leaving global RNG state alone."""
+"""Seeded random test vectors for a CoLA operator's backend, leaving global RNG state alone.
+
+The random source is chosen by multiple dispatch on the array type: the generic
+:func:`seeded_random_source` is declared here, and each backend registers the method for
+its arrays (``torch.Tensor`` in ``backends/torch/state.py``, ``jax.Array`` in
+``backends/jax/state.py``) with plum's global dispatcher, which joins methods by function
+name (as :mod:`dispatch_rules` extend ``cola.linalg``). So this module imports no backend,
+and no backend imports it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from cola.ops import LinearOperator
+from plum import dispatch
 
 Array = Any
 
 
-def random_source(A: LinearOperator, seed: int) -> Any:
-    """Return a private random source (``normal``/``uniform``) for the backend of ``A``."""
-    if A.xnp.__name__.endswith("torch_fns"):
-        from cola_curvature.backends.torch.state import TorchRandom
+@dispatch
+def seeded_random_source(like: object, seed: Any) -> Any:
+    """Return a private random source (``normal``/``uniform``) for arrays like ``like``.
 
-        return TorchRandom(seed, A.device)
-    from cola_curvature.backends.jax.state import JaxRandom
+    Backends register the methods for their array types; this one is reached for any
+    other type.
 
-    return JaxRandom.seeded(seed)
+    Raises:
+        TypeError: for an array type no backend registered a random source for.
+
+    """
+    raise TypeError(
+        f"no seeded random source for arrays of type {type(like).__name__}; the torch and "
+        "JAX backends register one for torch.Tensor and jax.Array when imported "
+        "(import cola_curvature with the 'torch' or 'jax' extra installed)."
+    )
 
 
 def _like(A: LinearOperator) -> Array:
     """Return a one-entry array with the dtype and device of ``A``."""
     return A.xnp.zeros((1,), dtype=A.dtype, device=A.device)
+
+
+def random_source(A: LinearOperator, seed: int) -> Any:
+    """Return a private random source (``normal``/``uniform``) for the backend of ``A``."""
+    return seeded_random_source(_like(A), seed)
 
 
 def rademacher(A: LinearOperator, num_columns: int, seed: int) -> Array:

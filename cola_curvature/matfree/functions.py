@@ -12,6 +12,7 @@ analytic on the spectrum (``√x`` and ``1/√x`` of a damped PSD operator).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,11 +20,41 @@ from cola.annotations import SelfAdjoint
 from cola.ops import LinearOperator
 
 from cola_curvature._tracing import is_abstract
-from cola_curvature.algorithms import LanczosFunction
+from cola_curvature.matfree._arguments import check_solver
 from cola_curvature.matfree._convergence import report_failure
+from cola_curvature.matfree.interface import MatrixFunctionMethod
 from cola_curvature.matfree.krylov import _lanczos_step, _numpy, tridiagonal_eigh
 
 Array = Any
+
+
+@dataclass(frozen=True)
+class LanczosFunction(MatrixFunctionMethod):
+    """Lanczos for ``f(A) v`` of a symmetric operator (``sqrt``, ``isqrt``, any spectral ``f``).
+
+    ``f(A) v ≈ ‖v‖ Q_s f(T_s) e₁`` from ``s`` Lanczos steps started at ``v / ‖v‖`` (fully
+    reorthogonalised), exact for polynomials of degree ``< s``. Stops once the result
+    changes by at most ``tol`` (relative) from one step to the next, in every column, or
+    after ``min(max_iters, D)`` steps (then warns or raises per ``on_failure``). One
+    product with ``k`` columns per step, ``O(s D k)`` memory for the basis.
+
+    Args:
+        tol: Relative change of ``f(A) v`` between steps at which a column has converged.
+        max_iters: Lanczos steps at most (capped at ``D``).
+        on_failure: As in :class:`~cola_curvature.matfree.cg.CG`.
+
+    """
+
+    tol: float = 1e-10
+    max_iters: int = 1000
+    on_failure: str = "warn"
+
+    def __post_init__(self) -> None:
+        check_solver(self.tol, self.max_iters, self.on_failure)
+
+    def apply(self, A: LinearOperator, f: Callable[[Array], Array], V: Array) -> Array:
+        """Return ``f(A) V ≈ ‖v‖ Q_s f(T_s) e₁`` per column (:func:`lanczos_function_matmat`)."""
+        return lanczos_function_matmat(A, f, V, self)
 
 
 def lanczos_function_matmat(
@@ -100,19 +131,21 @@ def _combination(
 
 
 class MatrixFunction(LinearOperator):
-    """``f(A)`` of a symmetric operator as a CoLA operator: each ``@`` runs Lanczos.
+    """``f(A)`` of a symmetric operator as a CoLA operator: each ``@`` runs ``alg.apply``.
 
-    See :func:`lanczos_function_matmat`. ``SelfAdjoint``.
+    With :class:`LanczosFunction`, see :func:`lanczos_function_matmat`. ``SelfAdjoint``.
     """
 
-    def __init__(self, A: LinearOperator, f: Callable[[Array], Array], alg: LanczosFunction):
+    def __init__(
+        self, A: LinearOperator, f: Callable[[Array], Array], alg: MatrixFunctionMethod
+    ) -> None:
         super().__init__(A.dtype, A.shape, annotations={SelfAdjoint})
         self.A = A
         self.f = f
         self.alg = alg
 
     def _matmat(self, X: Array) -> Array:
-        return lanczos_function_matmat(self.A, self.f, X, self.alg)
+        return self.alg.apply(self.A, self.f, X)
 
     def _rmatmat(self, X: Array) -> Array:
         return self._matmat(X.T).T

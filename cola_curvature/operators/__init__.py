@@ -6,10 +6,13 @@ from cola_curvature.operators.ekfac import EKFAC
 from cola_curvature.operators.empirical_fisher import EmpiricalFisher
 from cola_curvature.operators.fisher import FisherMC
 from cola_curvature.operators.ggn import GGN
+from cola_curvature.operators.gradient_moments import GradientMoments
 from cola_curvature.operators.hessian import Hessian
+from cola_curvature.operators.jacobian import Jacobian, JacobianTranspose
 from cola_curvature.operators.kfac import KFAC
 from cola_curvature.operators.kronecker import EigenKronecker, KroneckerBlock, KroneckerFactored
 from cola_curvature.operators.shifted import ShiftedCurvature
+from cola_curvature.operators.submatrix import Submatrix
 from cola_curvature.operators.symmetry import SymmetryCurvature
 
 __all__ = [
@@ -21,10 +24,14 @@ __all__ = [
     "EmpiricalFisher",
     "FisherMC",
     "GGN",
+    "GradientMoments",
     "Hessian",
+    "Jacobian",
+    "JacobianTranspose",
     "KFAC",
     "KroneckerBlock",
     "KroneckerFactored",
     "ShiftedCurvature",
+    "Submatrix",
     "SymmetryCurvature",
 ]

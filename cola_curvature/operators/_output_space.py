@@ -41,7 +41,7 @@ class GaussNewtonOutputMatmat:
     def __call__(self, f: Array, y: Array, jv: Array, rng: Any) -> Array:
         """Return ``R H_n (J V)_n`` per example (``rng`` unused: the matrix is exact)."""
         self.loss.check_target(f, y)
-        return self.loss.scale(f, self.num_data) * self.loss.hessian_matmat(f, jv)
+        return self.loss.scale(f, self.num_data) * self.loss.hessian_matmat(f, jv, y)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from cola.backends import get_library_fns
+
 from cola_curvature.operators.kfac import KFAC
 from cola_curvature.operators.kronecker import EigenKronecker, KroneckerFactored
-from cola_curvature.options import FisherType
+from cola_curvature.options import FisherType, parse_option
 
 Array = Any
 
@@ -37,21 +39,35 @@ class EKFAC(KFAC):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("fisher_type") in (FisherType.FORWARD_ONLY, FisherType.FORWARD_ONLY.value):
+        fisher_type = kwargs.get("fisher_type", FisherType.TYPE2)
+        if parse_option(FisherType, fisher_type, "fisher_type") is FisherType.FORWARD_ONLY:
             raise ValueError(
                 "EKFAC needs per-example gradients; fisher_type='forward-only' has none. Use "
                 "'type-2', 'mc' or 'empirical'."
             )
         super().__init__(*args, **kwargs)
+        roles = self.layer_blocks()
         bases = {}
-        for layer, block in zip(self.layers, self.blocks, strict=False):
-            eigen = block.eigen()
-            bases[layer.name] = (eigen.q_out, eigen.q_in)
+        for layer, blocks in zip(self.layers, roles, strict=True):
+            eigen = [block.eigen() for block in blocks.values() if block is not None]
+            q_in = (
+                eigen[0].q_in if len(eigen) == 1 else _block_diagonal(eigen[0].q_in, eigen[1].q_in)
+            )
+            bases[layer.name] = (eigen[0].q_out, q_in)
         corrections = self._eigencorrections(bases)
-        blocks = [
-            EigenKronecker(*bases[layer.name], corrections[layer.name]) for layer in self.layers
-        ]
-        blocks += [block.eigen() for block in self.blocks[len(self.layers) :]]
+        blocks = []
+        for layer, roles_of_layer in zip(self.layers, roles, strict=True):
+            q_out, q_in = bases[layer.name]
+            present = [block for block in roles_of_layer.values() if block is not None]
+            if len(present) == 1:
+                blocks.append(EigenKronecker(q_out, q_in, corrections[layer.name]))
+                continue
+            columns = layer.in_features - 1  # a separated layer: the weight's, then the bias
+            eigenvalues = corrections[layer.name]
+            weight_basis = present[0].eigen().q_in
+            blocks.append(EigenKronecker(q_out, weight_basis, eigenvalues[:, :columns]))
+            blocks.append(EigenKronecker(q_out, present[1].eigen().q_in, eigenvalues[:, columns:]))
+        blocks += [block.eigen() for block in self.blocks[len(blocks) :]]
         KroneckerFactored.__init__(self, blocks, self.permutation)
 
     def _eigencorrections(self, bases: dict[str, tuple[Array, Array]]) -> dict[str, Array]:
@@ -73,3 +89,8 @@ class EKFAC(KFAC):
                 for name, value in corrections.items():
                     totals[name] = totals.get(name, 0) + value
         return {name: self._data.combine(value) for name, value in totals.items()}
+
+
+def _block_diagonal(first: Array, second: Array) -> Array:
+    """Return ``[[Q₁, 0], [0, Q₂]]``: the eigenbasis of a separated layer's augmented input."""
+    return get_library_fns(first.dtype).block_diag(first, second)

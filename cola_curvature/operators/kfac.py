@@ -10,6 +10,12 @@ from cola.backends import get_library_fns
 
 from cola_curvature._checks import check_mc_samples
 from cola_curvature.backends import CurvatureBackend, curvature_backend
+from cola_curvature.kfac_statistics.shared_weights import (
+    SharedWeightLayer,
+    nearest_kronecker,
+    oriented_factors,
+    use_layers,
+)
 from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators.diagonal import DiagonalCurvature
 from cola_curvature.operators.empirical_fisher import EmpiricalFisher
@@ -17,7 +23,13 @@ from cola_curvature.operators.fisher import FisherMC
 from cola_curvature.operators.ggn import GGN
 from cola_curvature.operators.kronecker import KroneckerBlock, KroneckerFactored
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
-from cola_curvature.options import FisherType, KFACApprox, Uncovered, parse_option
+from cola_curvature.options import (
+    FisherType,
+    KFACApprox,
+    SharedWeights,
+    Uncovered,
+    parse_option,
+)
 
 Array = Any
 
@@ -38,6 +50,9 @@ def kronecker_factors(
 ) -> dict[str, tuple[Array, Array]]:
     """Return ``(G_l, A_l)`` per layer name, aggregated exactly over all batches.
 
+    A weight several calls use (:class:`SharedWeightLayer`) gets the nearest Kronecker
+    product of its uses' blocks (:func:`nearest_kronecker`), as ``(row, column)`` factors.
+
     ``A = (1 / (N T)) Σ_{n,t} ã ãᵀ`` (expand) or ``(1 / N) Σ_n ā ā ᵀ`` (reduce);
     ``G = R Σ g gᵀ`` with the loss scaling ``R`` already applied per batch, or ``I`` for
     ``forward-only``. Sampled targets (``mc``) come from streams keyed by ``seed`` and each
@@ -49,7 +64,7 @@ def kronecker_factors(
     with backend.preserved_state():
         for batch, rng in data.sampled_batches("KFAC factors", seed):
             stats = backend.kronecker_statistics(
-                batch, layers, data.num_data, fisher_type, kfac_approx, mc_samples, rng
+                batch, use_layers(layers), data.num_data, fisher_type, kfac_approx, mc_samples, rng
             )
             for name, moment in stats.input_moments.items():
                 if positions.setdefault(name, stats.positions[name]) != stats.positions[name]:
@@ -63,7 +78,7 @@ def kronecker_factors(
     input_sums = {name: data.combine(value) for name, value in input_sums.items()}
     output_sums = {name: data.combine(value) for name, value in output_sums.items()}
     factors = {}
-    for layer in layers:
+    for layer in use_layers(layers):
         count = data.num_data * (positions[layer.name] if kfac_approx is KFACApprox.EXPAND else 1)
         input_factor = input_sums[layer.name] / count
         if fisher_type is FisherType.FORWARD_ONLY:
@@ -77,6 +92,10 @@ def kronecker_factors(
         else:
             output_factor = output_sums[layer.name]
         factors[layer.name] = (output_factor, input_factor)
+    for layer in layers:
+        if isinstance(layer, SharedWeightLayer):
+            pairs = [oriented_factors(layer, use, *factors.pop(use.name)) for use in layer.uses]
+            factors[layer.name] = nearest_kronecker(pairs)
     return factors
 
 
@@ -136,8 +155,20 @@ class KFAC(ParameterKroneckerFactored):
     ``nn.MultiheadAttention`` calls functionally: its packed ``in_proj_weight``
     (``3E × E``, with ``in_proj_bias``) is one block, one ``G`` over queries, keys and
     values together, as nanoGPT's packed ``c_attn`` Linear; ``out_proj`` is another. A
-    weight used by several calls (tied or reused), and a call whose output all examples
-    share (a position table ``wpe(arange(T))``), are left uncovered.
+    call whose output all examples share (a position table ``wpe(arange(T))``) is left
+    uncovered.
+
+    A weight used by several calls (an lm-head tied to the token embedding, a layer applied
+    twice) gets one block: each use ``k`` alone would give ``B_k ⊗ C_k`` (the embedding's
+    on the transposed table, turned to the weight's orientation: ``diag(counts) ⊗ G_emb``
+    next to the lm-head's ``G_head ⊗ A_head``), and the block is the Frobenius-nearest
+    Kronecker product ``X ⊗ Y`` to ``Σ_k B_k ⊗ C_k`` (Van Loan & Pitsianis; ``X`` a convex
+    combination of the row factors, ``Y`` a non-negative one of the column factors: see
+    :mod:`cola_curvature.kfac_statistics.shared_weights`). The terms between uses are dropped, as
+    those between positions; the exact block stays available with
+    ``shared_weights="uncovered"`` and ``uncovered="dense"`` (or its diagonal with
+    ``"diagonal"``). EKFAC refits the eigenvalues of ``X ⊗ Y``'s eigenbasis to the true
+    per-example gradients of the shared weight (both uses summed).
 
     A JAX ``model_fn(params, x)`` needs no annotation: its layers are found in the traced
     program (a ``dot_general`` or ``conv_general_dilated`` whose weight is a parameter leaf,
@@ -167,6 +198,14 @@ class KFAC(ParameterKroneckerFactored):
             ``O(d²)`` memory and ``d`` products to build; refused when ``d² · itemsize``
             exceeds ``DENSE_BLOCK_LIMIT_BYTES`` (2 GiB). Neither fits
             ``fisher_type="forward-only"``.
+        separate_weight_and_bias: ``False`` (default): a layer's weight and bias share one
+            block ``G ⊗ A`` with ``A`` over ``ã = [a, 1]``, which keeps their cross terms
+            and is exact where KFAC is exact. ``True``: two blocks, ``G ⊗ A_W`` for the
+            weight and ``G`` for the bias (curvlinops' default and laplace-torch's ``kron``
+            convention; the same ``G``, the weight–bias terms dropped).
+        shared_weights: ``"kronecker"`` (default): a weight several calls use gets the
+            nearest Kronecker product of its uses' blocks (above); ``"uncovered"``: it is
+            left to ``uncovered``.
         num_data: Number of examples; counted when ``None``.
         batch_size_fn: ``X -> int`` for inputs that are not a single array.
         check_deterministic: Check that two passes over data and two forward passes agree.
@@ -187,6 +226,8 @@ class KFAC(ParameterKroneckerFactored):
         mc_samples: int = 1,
         seed: int = 0,
         uncovered: str | Uncovered = "error",
+        shared_weights: str | SharedWeights = "kronecker",
+        separate_weight_and_bias: bool = False,
         num_data: int | None = None,
         batch_size_fn: Any = None,
         check_deterministic: bool = True,
@@ -196,6 +237,12 @@ class KFAC(ParameterKroneckerFactored):
         self.fisher_type = parse_option(FisherType, fisher_type, "fisher_type")
         self.kfac_approx = parse_option(KFACApprox, kfac_approx, "kfac_approx")
         self.uncovered = parse_option(Uncovered, uncovered, "uncovered")
+        self.shared_weights = parse_option(SharedWeights, shared_weights, "shared_weights")
+        if not isinstance(separate_weight_and_bias, bool):
+            raise TypeError(
+                f"separate_weight_and_bias must be True or False, got {separate_weight_and_bias!r}."
+            )
+        self.separate_weight_and_bias = separate_weight_and_bias
         check_mc_samples(mc_samples)
         self._backend = curvature_backend(model, loss_func, params)
         data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar, distributed)
@@ -204,14 +251,18 @@ class KFAC(ParameterKroneckerFactored):
         self.num_data = data.num_data
         self._data = data
         self._build_options = {"mc_samples": mc_samples, "seed": seed}
-        self.layers = self._backend.kronecker_layers(data.source)
+        self.layers = self._kronecker_layers(data.source)
         missing = self._uncovered_indices()
         if missing:
             self._check_uncovered(missing)
         factors = kronecker_factors(
             self._backend, self.layers, data, self.fisher_type, self.kfac_approx, mc_samples, seed
         )
-        blocks = [KroneckerBlock(*factors[layer.name]) for layer in self.layers]
+        blocks = [
+            KroneckerBlock(output_factor, input_factor)
+            for layer in self.layers
+            for output_factor, input_factor in self._split(layer, *factors[layer.name])
+        ]
         if missing:
             subset_options = {
                 "num_data": data.num_data,
@@ -221,6 +272,56 @@ class KFAC(ParameterKroneckerFactored):
             }
             blocks.append(self._uncovered_block(loss_func, data.source, missing, subset_options))
         KroneckerFactored.__init__(self, blocks, self._permutation(missing, blocks))
+
+    def _separated(self, layer: Any) -> bool:
+        """Return whether ``layer`` gets a weight block and a bias block."""
+        return self.separate_weight_and_bias and None not in (layer.weight_index, layer.bias_index)
+
+    def _split(self, layer: Any, output_factor: Array, input_factor: Array) -> list[tuple]:
+        """Return the ``(G, A)`` of the layer's blocks: ``(G, A_W)`` and ``(G, [1])`` if separated.
+
+        ``A_W`` is the augmented ``A`` without the bias row and column; the bias block's
+        input factor is ``A``'s last diagonal entry, the mean of ``1 · 1``: exactly 1.
+        """
+        if not self._separated(layer):
+            return [(output_factor, input_factor)]
+        columns = layer.in_features - 1
+        weight = input_factor[:columns, :columns]
+        return [(output_factor, weight), (output_factor, input_factor[columns:, columns:])]
+
+    def layer_blocks(self) -> list[dict[str, Any]]:
+        """Return, per layer of :attr:`layers`, its blocks by role.
+
+        ``{"weight": W block, "bias": b block}`` for a layer split by
+        ``separate_weight_and_bias`` (either may be ``None`` when that parameter is not in
+        ``params``), else ``{"joint": block}`` (weight and bias together, or the one present).
+        """
+        blocks = iter(self.blocks)
+        roles = []
+        for layer in self.layers:
+            if self._separated(layer):
+                roles.append({"weight": next(blocks), "bias": next(blocks)})
+            elif self.separate_weight_and_bias:
+                block = next(blocks)
+                weight = layer.weight_index is not None
+                roles.append(
+                    {"weight": block if weight else None, "bias": None if weight else block}
+                )
+            else:
+                roles.append({"joint": next(blocks)})
+        return roles
+
+    def _kronecker_layers(self, source: Any) -> list[Any]:
+        """Return the backend's layers; shared weights too unless ``shared_weights="uncovered"``."""
+        layers = self._backend.kronecker_layers(source)
+        if self.shared_weights is SharedWeights.KRONECKER:
+            return layers
+        reason = "used by several calls (a tied weight), and shared_weights='uncovered'"
+        reasons = getattr(self._backend, "uncovered_reasons", {})
+        for layer in layers:
+            if isinstance(layer, SharedWeightLayer):
+                reasons.update({i: reason for i in (layer.weight_index, layer.bias_index)})
+        return [layer for layer in layers if not isinstance(layer, SharedWeightLayer)]
 
     def _uncovered_indices(self) -> list[int]:
         """Return the positions in ``params`` (flat order) that no supported layer owns."""
@@ -291,6 +392,13 @@ class KFAC(ParameterKroneckerFactored):
         """Return the user-order position of every block-order coordinate."""
         sizes = self._backend.param_sizes
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        parts = [block_permutation(layer, offsets) for layer in self.layers]
+        parts = []
+        for layer in self.layers:
+            positions = block_permutation(layer, offsets)
+            if self._separated(layer):
+                grid = positions.reshape(layer.out_features, layer.in_features)
+                parts += [grid[:, :-1].reshape(-1), grid[:, -1]]
+            else:
+                parts.append(positions)
         parts += [offsets[i] + np.arange(sizes[i]) for i in missing]
         return blocks[0].xnp.array(np.concatenate(parts), dtype=None, device=blocks[0].device)

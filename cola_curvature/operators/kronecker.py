@@ -6,6 +6,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+import scipy.linalg
 from cola.annotations import PSD
 from cola.ops import BlockDiag, Dense, Diagonal, Kronecker, LinearOperator
 
@@ -201,14 +203,45 @@ def symmetric_eigh(matrix: Array) -> tuple[Array, Array]:
     """Return ``(λ, Q)`` of a symmetric matrix, computed in float64 and cast back.
 
     JAX without ``jax_enable_x64`` has no float64: there the decomposition runs in float32
-    (JAX truncates the cast; its warning about that is silenced here).
+    (JAX truncates the cast; its warning about that is silenced here). When the backend's
+    solver fails (LAPACK's divide and conquer can fail to converge on matrices with large
+    clusters of tiny eigenvalues, e.g. a rank-2 factor of size 576; torch raises, JAX
+    returns NaN), the decomposition is redone on the host by :func:`_host_eigh`.
     """
     xnp = Dense(matrix).xnp
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
         wide = xnp.cast(matrix, xnp.float64)
-    values, vectors = xnp.eigh(wide)
+    try:
+        values, vectors = xnp.eigh(wide)
+    except RuntimeError:  # torch.linalg.LinAlgError: the solver did not converge
+        values = vectors = None
+    if values is None or not finite_or_traced(values.sum()):
+        values, vectors = _host_eigh(wide)
     return xnp.cast(values, matrix.dtype), xnp.cast(vectors, matrix.dtype)
+
+
+def _host_eigh(matrix: Array) -> tuple[Array, Array]:
+    """Return ``(λ, Q)`` by SciPy on the host: LAPACK's ``syevr``, else the QR algorithm ``syev``.
+
+    Raises:
+        ValueError: when the matrix has non-finite entries, or neither driver converges.
+    """
+    xnp = Dense(matrix).xnp
+    host = np.asarray(xnp.to_np(matrix), dtype=np.float64)
+    if not np.isfinite(host).all():
+        raise ValueError("a Kronecker factor has non-finite entries; it has no eigenbasis.")
+    for driver in ("evr", "ev"):
+        try:
+            values, vectors = scipy.linalg.eigh(host, driver=driver)
+        except np.linalg.LinAlgError:
+            continue
+        device = xnp.get_device(matrix)
+        return (
+            xnp.array(values, dtype=matrix.dtype, device=device),
+            xnp.array(vectors, dtype=matrix.dtype, device=device),
+        )
+    raise ValueError("no symmetric eigensolver converged on a Kronecker factor.")
 
 
 class EigenKronecker(LinearOperator):

@@ -10,6 +10,12 @@ With ``K = Uᵀ diag(d)⁻¹ U`` (``k × k``):
   ``W = diag(d)^{-1/2} U = Q R`` (thin QR) and ``R M Rᵀ = V Λ Vᵀ``,
   ``diag(d) + U M Uᵀ = diag(d)^{1/2} (I + Q V Λ Vᵀ Qᵀ) diag(d)^{1/2}``, so
   ``L = diag(d)^{-1/2} (I + Q V ((1 + Λ)^{-1/2} − 1) Vᵀ Qᵀ)``;
+* a spectral function of a constant diagonal ``d = c 1``: with ``W = U / √c`` the same
+  ``B = Q V`` gives ``c I + U M Uᵀ = c (I + B Λ Bᵀ)``, so
+  ``f(c I + U M Uᵀ) = f(c) I + B (f(c (1 + Λ)) − f(c)) Bᵀ`` — for ``f(x) = 1/√x`` the
+  factor ``L`` above, now symmetric: ``(c I + U M Uᵀ)^{-1/2}`` itself. A diagonal that is
+  not constant has no such closed form (``(diag(d) + U M Uᵀ)^{-1/2}`` is in general not
+  a diagonal plus a rank-``k`` term), and ``L`` is then not symmetric;
 * ``c (diag(d) + U M Uᵀ) + λ I = diag(c d + λ) + U (c M) Uᵀ``, trace
   ``Σ d + tr(M UᵀU)``, diagonal ``d + rowsum((U M) ⊙ U)``.
 
@@ -18,11 +24,12 @@ Every operation costs ``O(D k² + k³)``; nothing of size ``D × D`` is formed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from cola.ops import Diagonal, LinearOperator
 
-from cola_curvature._tracing import known_nonnegative
+from cola_curvature._tracing import is_abstract, known_nonnegative
 
 Array = Any
 
@@ -78,18 +85,52 @@ class DiagonalPlusLowRank(LinearOperator):
         diagonal_sign = xnp.prod(xnp.sign(self.diagonal_part))
         return sign * diagonal_sign, xnp.log(xnp.abs(self.diagonal_part)).sum() + log_small
 
-    def inverse_factor(self) -> LinearOperator:
-        """Return ``L = diag(d)^{-1/2} (I + B S Bᵀ)`` with ``L Lᵀ`` the inverse (needs PSD).
+    def _whitened_eigh(self) -> tuple[Array, Array, Array]:
+        """Return ``√d``, orthonormal ``B = Q V`` (``D × k``) and ``Λ`` (module docstring).
 
-        ``B = Q V`` has orthonormal columns and ``S = (1 + Λ)^{-1/2} − 1`` (module docstring).
+        ``diag(d) + U M Uᵀ = diag(√d) (I + B diag(Λ) Bᵀ) diag(√d)``.
         """
         xnp = self.xnp
         root = xnp.sqrt(self.diagonal_part)
         Q, R = xnp.qr(self.U / root[:, None], full_matrices=False)
         values, V = xnp.eigh(R @ self.M @ R.T)
-        shrink = 1 / xnp.sqrt(1 + values) - 1
-        ones = xnp.ones_like(self.diagonal_part)
-        return Diagonal(1 / root) @ DiagonalPlusLowRank(ones, Q @ V, xnp.diag(shrink))
+        return root, Q @ V, values
+
+    def inverse_factor(self) -> LinearOperator:
+        """Return ``L = diag(d)^{-1/2} (I + B S Bᵀ)`` with ``L Lᵀ`` the inverse (needs PSD).
+
+        ``B = Q V`` has orthonormal columns and ``S = (1 + Λ)^{-1/2} − 1`` (module docstring).
+        """
+        root, B, values = self._whitened_eigh()
+        shrink = 1 / self.xnp.sqrt(1 + values) - 1
+        ones = self.xnp.ones_like(self.diagonal_part)
+        return Diagonal(1 / root) @ DiagonalPlusLowRank(ones, B, self.xnp.diag(shrink))
+
+    def has_constant_diagonal(self) -> bool:
+        """Return whether ``d = c 1`` (``False`` when ``d`` is traced and has no values)."""
+        d = self.diagonal_part
+        return not is_abstract(d) and bool((d == d[0]).all())
+
+    def map_spectrum(self, fn: Callable[[Array], Array]) -> DiagonalPlusLowRank:
+        """Return ``f(c I + U M Uᵀ) = f(c) I + B (f(c (1 + Λ)) − f(c)) Bᵀ``, exactly.
+
+        Only for a constant diagonal ``d = c 1`` (:meth:`has_constant_diagonal`); ``f`` acts
+        elementwise on arrays. ``O(D k² + k³)``.
+
+        Raises:
+            ValueError: when the diagonal is not constant.
+        """
+        if not self.has_constant_diagonal():
+            raise ValueError(
+                "map_spectrum needs a constant diagonal d = c·1: f(diag(d) + U M Uᵀ) is in "
+                "general not a diagonal plus a rank-k term; use cola.linalg functions, which "
+                "fall back to Lanczos."
+            )
+        _, B, values = self._whitened_eigh()
+        c = self.diagonal_part[:1]
+        at_c = fn(c)
+        shift = self.xnp.diag(fn(c * (1 + values)) - at_c)
+        return DiagonalPlusLowRank(at_c * self.xnp.ones_like(self.diagonal_part), B, shift)
 
     def trace(self) -> Array:
         """Return ``Σ d + tr(M UᵀU)``."""

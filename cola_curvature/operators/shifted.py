@@ -7,16 +7,13 @@ rules of this library treat the combination as one symmetric operator.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from cola.annotations import PSD, SelfAdjoint
 from cola.ops import LinearOperator
 
 from cola_curvature._tracing import finite_or_traced, known_nonnegative
-from cola_curvature.algorithms import LanczosFunction
-from cola_curvature.matfree.functions import MatrixFunction
-from cola_curvature.matfree.solvers import IterativeInverse
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators._interface import ParameterSpaceInterface
 
@@ -30,7 +27,9 @@ class ShiftedCurvature(ParameterSpaceInterface, LinearOperator):
     matrix-free rules treat the damped operator as one symmetric operator (CG, MINRES,
     Lanczos and SLQ run on it directly) and shift exact parts (``tr(A + λI) = tr A + λD``,
     ``diag(A + λI) = diag A + λ``) without estimating them. The scale ``c`` (default 1)
-    serves posterior precisions such as ``G / σ² + δ I``. ``PSD`` when ``A`` is PSD and
+    serves posterior precisions such as ``G / σ² + δ I``; ``cola.linalg.logdet`` of it
+    re-weights one quadrature rule of ``A`` kept on ``A`` (nodes ``c θ + δ``), so a family
+    of ``(c, λ)`` costs the products of one. ``PSD`` when ``A`` is PSD and
     ``c, λ ≥ 0``; otherwise ``SelfAdjoint``. ``c`` and ``λ`` may be differentiable scalars.
 
     Args:
@@ -143,25 +142,3 @@ class CurvatureSum(ParameterSpaceInterface, LinearOperator):
 
 #: The operators the matrix-free rules apply to.
 MatrixFreeCurvature = CurvatureOperator | ShiftedCurvature | CurvatureSum
-
-
-class CurvatureInverse(ParameterSpaceInterface, IterativeInverse):
-    """:class:`~cola_curvature.matfree.solvers.IterativeInverse` of a curvature operator.
-
-    Accepts the same input formats as the operator (``(D,)``, ``(D, k)``, parameter-shaped).
-    """
-
-    def __init__(self, A: MatrixFreeCurvature, alg: Any) -> None:
-        self._backend = A._backend
-        super().__init__(A, alg)
-
-
-class CurvatureFunction(ParameterSpaceInterface, MatrixFunction):
-    """:class:`~cola_curvature.matfree.functions.MatrixFunction` ``f(A)`` of a curvature operator.
-
-    Accepts the same input formats as the operator (``(D,)``, ``(D, k)``, parameter-shaped).
-    """
-
-    def __init__(self, A: LinearOperator, f: Callable[[Array], Array], alg: LanczosFunction):
-        self._backend = A._backend
-        super().__init__(A, f, alg)

@@ -10,12 +10,15 @@ from cola_curvature.backends.jax.backend import JaxBackend
 from cola_curvature.losses import Loss
 
 
-# precedence=-1: an ``nn.Module`` with a ``cc.losses`` object stays with the torch backend
+# precedence=-1: an ``nn.Module`` with a ``cc.losses`` object or ``None`` stays with torch
 @dispatch(precedence=-1)
-def curvature_backend(model: Callable, loss_func: Loss, params: Any) -> JaxBackend:  # noqa: F811
-    """Return the JAX backend for a ``model_fn(params, x)`` with a ``cc.losses`` loss."""
+def curvature_backend(model: Callable, loss_func: Loss | None, params: Any) -> JaxBackend:  # noqa: F811
+    """Return the JAX backend for a ``model_fn(params, x)``, loss a ``cc.losses`` object or None."""
     return JaxBackend(model, loss_func, params)
 
+
+# registers the implicit differentiation of the matrix-free solvers for jax arrays
+from cola_curvature.backends.jax import implicit  # noqa: E402, F401
 
 # registers the flax linen, flax nnx and equinox module types (without importing those)
 from cola_curvature.backends.jax.adapters import (  # noqa: E402

@@ -209,21 +209,21 @@ def from_equinox(
 
 
 @dispatch
-def curvature_backend(model: LinenModule, loss_func: Loss, params: Any) -> JaxBackend:  # noqa: F811
+def curvature_backend(model: LinenModule, loss_func: Loss | None, params: Any) -> JaxBackend:  # noqa: F811
     """Return the JAX backend for a flax linen module; ``params`` are its variables."""
     model_fn, parameters = from_flax_linen(model, params)
     return JaxBackend(model_fn, loss_func, parameters)
 
 
 @dispatch
-def curvature_backend(model: NnxModule, loss_func: Loss, params: Any) -> JaxBackend:  # noqa: F811
+def curvature_backend(model: NnxModule, loss_func: Loss | None, params: Any) -> JaxBackend:  # noqa: F811
     """Return the JAX backend for a flax nnx module; ``params`` is an nnx filter or None."""
     model_fn, parameters = from_flax_nnx(model, params)
     return JaxBackend(model_fn, loss_func, parameters)
 
 
 @dispatch
-def curvature_backend(model: EquinoxModule, loss_func: Loss, params: Any) -> JaxBackend:  # noqa: F811
+def curvature_backend(model: EquinoxModule, loss_func: Loss | None, params: Any) -> JaxBackend:  # noqa: F811
     """Return the JAX backend for an equinox module; ``params`` is a filter spec or None."""
     model_fn, parameters = from_equinox(model, params)
     return JaxBackend(model_fn, loss_func, parameters)

@@ -13,8 +13,10 @@ import numpy as np
 
 from cola_curvature._checks import check_array_library
 from cola_curvature._tracing import is_traced
+from cola_curvature.backends._protocol import require_loss
 from cola_curvature.backends.jax import kfac, products
 from cola_curvature.backends.jax.state import JaxExampleRandom, JaxRandom
+from cola_curvature.kfac_statistics.shared_weights import use_layers
 from cola_curvature.losses import SUPPORTED_LOSSES, Loss
 from cola_curvature.options import FisherType, KFACApprox
 
@@ -22,9 +24,9 @@ Array = Any
 PyTree = Any
 
 
-def _check_loss(loss_func: Any) -> Loss:
-    """Return ``loss_func`` if it is a :mod:`cola_curvature.losses` object, else raise."""
-    if not isinstance(loss_func, Loss):
+def _check_loss(loss_func: Any) -> Loss | None:
+    """Return ``loss_func`` if it is a ``cola_curvature.losses`` object or ``None``, else raise."""
+    if loss_func is not None and not isinstance(loss_func, Loss):
         names = ", ".join(f"cola_curvature.losses.{t.__name__}" for t in SUPPORTED_LOSSES)
         raise TypeError(
             f"A JAX model needs loss_func among {names}; got {type(loss_func).__name__}."
@@ -76,6 +78,8 @@ _gauss_newton = jax.jit(
 )
 _hessian = jax.jit(products.hessian_matmat, static_argnums=0, static_argnames="risk")
 _gradient = jax.jit(products.gradient, static_argnums=0, static_argnames="risk")
+_output_jvp = jax.jit(products.output_jvp, static_argnums=0)
+_output_vjp = jax.jit(products.output_vjp, static_argnums=0)
 _squared_gradients = jax.jit(
     products.squared_cotangent_gradients,
     static_argnums=(0, 1),
@@ -96,13 +100,15 @@ class JaxBackend:
 
     Args:
         model: ``model_fn(params, x) -> outputs``, a pure function of JAX arrays.
-        loss_func: A :mod:`cola_curvature.losses` object.
+        loss_func: A :mod:`cola_curvature.losses` object, or ``None`` for a backend of
+            model-output products only (``forward``, ``output_jvp``, ``output_vjp``,
+            ``output_jacobian``): anything that needs the loss then raises ``TypeError``.
         params: A pytree of floating-point arrays of one dtype, as ``model_fn`` takes it.
 
     """
 
     def __init__(self, model: Callable[[PyTree, Any], Array], loss_func: Any, params: PyTree):
-        self.loss: Loss = _check_loss(loss_func)
+        self._loss = _check_loss(loss_func)
         self._names, leaves, self._treedef = _check_leaves(params)
         self._model_fn = model
         self._params = self._treedef.unflatten(leaves)
@@ -116,11 +122,26 @@ class JaxBackend:
         self._gauss_newton = partial(_gauss_newton, model)
         self._hessian = partial(_hessian, model)
         self._gradient = partial(_gradient, model)
-        self._squared_gradients = partial(_squared_gradients, model, self.loss)
+        self._squared_gradients = partial(_squared_gradients, model, self._loss)
+        self._output_jvp = partial(_output_jvp, model)
+        self._output_vjp = partial(_output_vjp, model)
+
+    @property
+    def loss(self) -> Loss:
+        """Return the loss; ``TypeError`` for a backend built with ``loss_func=None``."""
+        return require_loss(self._loss)
 
     def forward(self, inputs: Any) -> Array:
         """Return the model output ``f(x)``."""
         return self._forward(self._params, inputs)
+
+    def output_jvp(self, columns: list[Array], inputs: Any) -> Array:
+        """Return ``J V`` on one batch, shape ``(k, *f.shape)`` (compiled per batch shape)."""
+        return self._output_jvp(self._params, self._treedef.unflatten(columns), inputs)
+
+    def output_vjp(self, cotangents: Array, inputs: Any) -> list[Array]:
+        """Return ``Jᵀ U`` on one batch for ``U`` of shape ``(k, *f.shape)``, per leaf."""
+        return self._treedef.flatten_up_to(self._output_vjp(self._params, cotangents, inputs))
 
     def gauss_newton_matmat(
         self,
@@ -281,10 +302,10 @@ class JaxBackend:
     ) -> dict[str, Array]:
         """Return one batch's EKFAC eigenvalue corrections per layer (compiled)."""
         inputs, targets = batch
-        options = self._signal_options(layers, num_data, fisher_type, mc_samples)
+        options = self._signal_options(use_layers(layers), num_data, fisher_type, mc_samples)
         rng = rng if fisher_type is FisherType.MC else None
         return kfac.kronecker_eigencorrections(
-            self._params, inputs, targets, rng, bases, options=options
+            self._params, inputs, targets, rng, bases, options=options, layers=tuple(layers)
         )
 
     def parameter_subset(self, indices: Sequence[int]) -> tuple[Callable, list[Array]]:

@@ -6,13 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from plum import dispatch
 
 Array = Any
 
 
-def implicit_solve(
-    matvec: Callable[[Array], Array], B: Array, solve: Callable[[Array], tuple[Array, dict]]
-) -> tuple[Array, dict]:
+# a method of cola_curvature.matfree.solvers.implicit_solve (plum's global dispatcher joins
+# methods by name, so the algorithms and this backend need not import each other)
+@dispatch
+def implicit_solve(B: jax.Array, matvec: Callable, solve: Callable) -> tuple[Array, dict]:
     """Return ``solve(B) = (X, info)`` with derivatives from ``A X = B`` rather than the loop.
 
     ``jax.lax.custom_linear_solve`` with ``A`` symmetric: ``dX = A⁻¹ (dB − dA X)``, and

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import JaxprEqn
 
-from cola_curvature.operators.kronecker_statistics import TokenInputs
+from cola_curvature.kfac_statistics.moments import TokenInputs
 
 Array = Any
 

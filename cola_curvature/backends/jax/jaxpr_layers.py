@@ -24,7 +24,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, JaxprEqn, Literal, Var
 
 from cola_curvature.backends.jax.jaxpr_embeddings import clamps_indices, gathers_rows, token_inputs
-from cola_curvature.operators.kronecker_statistics import TokenInputs
+from cola_curvature.kfac_statistics.moments import TokenInputs
 
 Array = Any
 Path = tuple[int, ...]
@@ -34,7 +34,8 @@ _REARRANGEMENTS = frozenset({"transpose", "reshape", "broadcast_in_dim", "squeez
 _DENSE_USE = "a dot_general (dense layer)"
 _CONV_USE = "a conv_general_dilated (convolution layer)"
 _EMBEDDING_USE = "a gather of whole rows (embedding layer)"
-_LAYER_USES = frozenset({_DENSE_USE, _CONV_USE})
+_BIAS_USE = "a bias add"
+_LAYER_USES = frozenset({_DENSE_USE, _CONV_USE, _EMBEDDING_USE, _BIAS_USE})
 
 
 @dataclass
@@ -386,36 +387,29 @@ class LayerSearch:
                 site.bias, site.output_path = bias.leaf, here
                 site.output_permutation = output.permutation
                 site.output_aval = eqn.outvars[0].aval
-                self.uses[bias.leaf].append("a bias add")
+                self.uses[bias.leaf].append(_BIAS_USE)
                 return _Output(site, biased=True)
         return None
 
     def owned_sites(self) -> list[Site]:
-        """Return the sites whose leaves no other operation uses.
+        """Return the sites whose leaves no operation outside a layer uses.
 
-        A weight also used elsewhere (an lm-head tied to a token embedding: one embedding
-        ``gather`` and one ``dot_general`` of the same leaf; a table looked up twice) is not
-        a Kronecker layer: factors of one use would describe part of the curvature. Its
-        sites are dropped and its leaves stay uncovered, as the torch backend does with a
-        weight used in two calls.
-
-        Raises:
-            ValueError: naming a leaf that two dense or conv layers use (a layer called twice).
+        A weight several layers use (an lm-head tied to a token embedding: one embedding
+        ``gather`` and one ``dot_general`` of the same leaf; a layer applied twice) keeps
+        all its sites: the KFAC backend gives them one shared block. A leaf any other
+        operation uses too (``jnp.tanh(W)``, a column gather) is no Kronecker layer's: its
+        sites are dropped and it stays uncovered, as in the torch backend.
         """
-        owned = []
-        for site in self.sites:
-            leaves = [leaf for leaf in (site.weight, site.bias) if leaf is not None]
-            for leaf in leaves:
-                if sum(use in _LAYER_USES for use in self.uses[leaf]) > 1:
-                    raise ValueError(
-                        f"params leaf {self.names[leaf]} is used {len(self.uses[leaf])} times "
-                        f"in model_fn ({', '.join(self.uses[leaf])}); KFAC needs each dense or "
-                        "conv layer's weight and bias used by that layer only, once. Share a "
-                        "layer over positions with one call on a sequence axis, or use cc.GGN."
-                    )
-            if all(len(self.uses[leaf]) == 1 for leaf in leaves):
-                owned.append(site)
-        return owned
+        return [
+            site
+            for site in self.sites
+            if all(
+                use in _LAYER_USES
+                for leaf in (site.weight, site.bias)
+                if leaf is not None
+                for use in self.uses[leaf]
+            )
+        ]
 
 
 def find_sites(jaxpr: Jaxpr, names: Sequence[str], sizes: Sequence[int]) -> list[Site]:

@@ -9,7 +9,7 @@ positions ``T`` (sequence entries, pixels, tokens), as for a torch ``Linear`` on
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -19,15 +19,19 @@ import numpy as np
 
 from cola_curvature.backends.jax.jaxpr_layers import Site, find_sites, replay
 from cola_curvature.backends.jax.state import JaxExampleRandom
-from cola_curvature.losses import Loss
-from cola_curvature.operators.kronecker_statistics import (
+from cola_curvature.kfac_statistics.moments import (
     BatchStatistics,
     LayerSignals,
     _augment,
-    batch_eigencorrections,
     batch_statistics,
     output_cotangents,
 )
+from cola_curvature.kfac_statistics.shared_weights import (
+    SharedWeightLayer,
+    layer_eigencorrections,
+    shared_weight_rejection,
+)
+from cola_curvature.losses import Loss
 from cola_curvature.options import FisherType, KFACApprox
 
 Array = Any
@@ -51,6 +55,8 @@ class JaxKroneckerLayer:
     leaf of block entry ``(o, i)`` (for a flax ``(in, out)`` kernel the transpose of a
     row-major grid; for a conv kernel the kernel's indices ordered ``(out, in, *filter)``;
     for an embedding table ``W`` (``V × d``) the grid of ``Wᵀ``, as in torch).
+    ``call_index`` counts the layers on the same weight leaf before this one (the uses of a
+    :class:`~cola_curvature.kfac_statistics.shared_weights.SharedWeightLayer`).
     """
 
     name: str
@@ -60,6 +66,7 @@ class JaxKroneckerLayer:
     out_features: int
     weight_columns: int
     weight_positions: np.ndarray = field(compare=False, repr=False)
+    call_index: int = 0
 
     @property
     def in_features(self) -> int:
@@ -91,54 +98,87 @@ def _one_more_example(inputs: Any) -> Any:
     return jax.tree_util.tree_map(grown, inputs)
 
 
+def _numbered(sites: Sequence[Site]) -> dict[tuple[int, int], Site]:
+    """Return the sites keyed by ``(weight leaf, number of earlier sites on that leaf)``."""
+    counts: dict[int, int] = {}
+    keyed = {}
+    for site in sites:
+        keyed[site.weight, counts.get(site.weight, 0)] = site
+        counts[site.weight] = counts.get(site.weight, 0) + 1
+    return keyed
+
+
 def _lookups_per_example(
     model_fn: ModelFn, params: PyTree, names: Sequence[str], inputs: Any, sites: list[Site]
 ) -> list[Site]:
-    """Return ``sites`` without the embeddings whose lookups are not one per example.
+    """Return ``sites`` without the weights with a lookup that is not one per example.
 
     A table that all examples share (positions ``W[arange(T)]``, a flax ``nn.Embed`` on
     ``jnp.arange(T)``) is no Kronecker layer, as in torch: the leading axis of its indices
     does not grow with the batch. ``model_fn`` is traced again, abstractly, on one more
-    example; an embedding stays when the leading axis of its indices grew by one.
+    example; an embedding stays when the leading axis of its indices grew by one. Every
+    site of a weight with such a lookup goes (its uses would be incomplete).
     """
     if all(site.kind != "embedding" for site in sites):
         return sites
     _, _, grown = _sites(model_fn, params, names, _one_more_example(inputs))
-    rows = {site.weight: site.output_aval.shape[0] for site in grown if site.kind == "embedding"}
-    return [
-        site
-        for site in sites
-        if site.kind != "embedding" or rows.get(site.weight) == site.output_aval.shape[0] + 1
-    ]
+    grown_sites = _numbered(grown)
+    shared = {
+        key[0]
+        for key, site in _numbered(sites).items()
+        if site.kind == "embedding"
+        and (
+            key not in grown_sites
+            or grown_sites[key].output_aval.shape[0] != site.output_aval.shape[0] + 1
+        )
+    }
+    return [site for site in sites if site.weight not in shared]
 
 
 def kronecker_layers(
     model_fn: ModelFn, params: PyTree, names: Sequence[str], inputs: Any
-) -> list[JaxKroneckerLayer]:
+) -> list[JaxKroneckerLayer | SharedWeightLayer]:
     """Return the layers of ``model_fn`` traced on ``inputs``, in program order.
 
-    A leaf that another operation uses too (a tied lm-head, any other primitive) is left
-    out (see :meth:`~cola_curvature.backends.jax.jaxpr_layers.LayerSearch.owned_sites`), and
-    so is a table whose lookups are not one per example (:func:`_lookups_per_example`).
+    A leaf that another operation uses too (any primitive outside a layer) is left out (see
+    :meth:`~cola_curvature.backends.jax.jaxpr_layers.LayerSearch.owned_sites`), and so is a
+    table whose lookups are not one per example (:func:`_lookups_per_example`). Several
+    layers on one weight leaf (a tied lm-head) are the uses of one
+    :class:`~cola_curvature.kfac_statistics.shared_weights.SharedWeightLayer`, unless they
+    disagree on the bias or a bias leaf serves several weights (then they are left out).
 
     Raises:
-        ValueError: when a dense or conv layer's weight or bias leaf is used by a second such
-            layer, or a convolution is grouped or transposed.
+        ValueError: when a convolution is grouped or transposed.
     """
     _, _, sites = _sites(model_fn, params, names, inputs)
     sites = _lookups_per_example(model_fn, params, names, inputs, sites)
-    return [
-        JaxKroneckerLayer(
-            name=names[site.weight],
-            kind=site.kind,
-            weight_index=site.weight,
-            bias_index=site.bias,
-            out_features=site.weight_positions.shape[0],
-            weight_columns=site.weight_positions.shape[1],
-            weight_positions=site.weight_positions,
+    uses: dict[int, list[JaxKroneckerLayer]] = {}
+    for (weight, call_index), site in _numbered(sites).items():
+        uses.setdefault(weight, []).append(
+            JaxKroneckerLayer(
+                name=names[weight],
+                kind=site.kind,
+                weight_index=weight,
+                bias_index=site.bias,
+                out_features=site.weight_positions.shape[0],
+                weight_columns=site.weight_positions.shape[1],
+                weight_positions=site.weight_positions,
+                call_index=call_index,
+            )
         )
-        for site in sites
-    ]
+    biases = [use.bias_index for group in uses.values() for use in group]
+    layers = []
+    for weight, group in uses.items():
+        if len(group) == 1:
+            layers.append(group[0])
+            continue
+        group = [replace(use, name=f"{use.name}#{use.call_index}") for use in group]
+        bias = group[0].bias_index
+        if shared_weight_rejection(group) is None and (
+            bias is None or biases.count(bias) == len(group)
+        ):
+            layers.append(SharedWeightLayer(names[weight], tuple(group)))
+    return layers
 
 
 def _matched(sites: Sequence[Site], layers: Sequence[JaxKroneckerLayer]) -> list[Site]:
@@ -147,9 +187,14 @@ def _matched(sites: Sequence[Site], layers: Sequence[JaxKroneckerLayer]) -> list
     Other sites (one the first batch left out, such as a table all examples share) are
     not layers and stay out.
     """
-    by_key = {(site.kind, site.weight, site.bias): site for site in sites}
-    keys = [(layer.kind, layer.weight_index, layer.bias_index) for layer in layers]
-    missing = [layer.name for layer, key in zip(layers, keys, strict=True) if key not in by_key]
+    by_key = _numbered(sites)
+    keys = [(layer.weight_index, layer.call_index) for layer in layers]
+    missing = [
+        layer.name
+        for layer, key in zip(layers, keys, strict=True)
+        if key not in by_key
+        or (by_key[key].kind, by_key[key].bias) != (layer.kind, layer.bias_index)
+    ]
     if missing:
         raise ValueError(
             f"model_fn has no layer on {', '.join(missing)} on this batch (found on the first "
@@ -237,7 +282,7 @@ def kronecker_statistics(
     return batch_statistics(signals, kfac_approx)
 
 
-@partial(jax.jit, static_argnames=("options",))
+@partial(jax.jit, static_argnames=("options", "layers"))
 def kronecker_eigencorrections(
     params: PyTree,
     inputs: Any,
@@ -246,6 +291,11 @@ def kronecker_eigencorrections(
     bases: dict[str, tuple[Array, Array]],
     *,
     options: SignalOptions,
+    layers: tuple[JaxKroneckerLayer | SharedWeightLayer, ...],
 ) -> dict[str, Array]:
-    """Return one batch's EKFAC eigenvalue corrections, compiled once per batch shape."""
-    return batch_eigencorrections(layer_signals(options, params, inputs, targets, rng), bases)
+    """Return one batch's EKFAC eigenvalue corrections per layer of ``layers``, compiled.
+
+    ``options.layers`` are the uses of ``layers`` (a shared weight's uses in turn).
+    """
+    signals = layer_signals(options, params, inputs, targets, rng)
+    return layer_eigencorrections(signals, layers, bases)

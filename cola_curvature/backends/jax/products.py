@@ -14,8 +14,8 @@ from typing import Any
 import jax
 
 from cola_curvature.backends.jax.state import JaxExampleRandom
+from cola_curvature.kfac_statistics import moments as statistics
 from cola_curvature.losses import Loss
-from cola_curvature.operators import kronecker_statistics as statistics
 from cola_curvature.options import FisherType
 
 Array = Any
@@ -46,6 +46,18 @@ def gauss_newton_matmat(
     output_columns = output_matmat(outputs, targets, jax.vmap(jvp)(columns), rng)
     vjp = jax.linear_transpose(jvp, params)
     return jax.vmap(lambda u: vjp(u)[0])(output_columns)
+
+
+def output_jvp(model_fn: ModelFn, params: PyTree, columns: PyTree, inputs: Any) -> Array:
+    """Return ``J V`` of shape ``(k, *f.shape)``: one ``jax.linearize`` mapped over the columns."""
+    _, jvp = jax.linearize(lambda p: model_fn(p, inputs), params)
+    return jax.vmap(jvp)(columns)
+
+
+def output_vjp(model_fn: ModelFn, params: PyTree, cotangents: Array, inputs: Any) -> PyTree:
+    """Return ``Jᵀ U`` for cotangents ``U`` of shape ``(k, *f.shape)``: one ``jax.vjp``, mapped."""
+    _, vjp = jax.vjp(lambda p: model_fn(p, inputs), params)
+    return jax.vmap(lambda u: vjp(u)[0])(cotangents)
 
 
 def gradient(

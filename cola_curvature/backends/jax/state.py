@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from plum import dispatch
 
 Array = Any
 
@@ -42,6 +43,14 @@ class JaxRandom:
     def normal(self, shape: tuple[int, ...], like: Array) -> Array:
         """Return samples from N(0, 1) with the dtype of ``like``."""
         return jax.random.normal(self.next_key(), shape, dtype=like.dtype)
+
+
+# a method of cola_curvature.matfree._random.seeded_random_source (plum's global dispatcher
+# joins methods by name, so the algorithms and this backend need not import each other)
+@dispatch
+def seeded_random_source(like: jax.Array, seed: Any) -> JaxRandom:
+    """Return a :class:`JaxRandom` started from ``jax.random.key(seed)`` (also for tracers)."""
+    return JaxRandom.seeded(seed)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cola_curvature._checks import check_array_library
+from cola_curvature.backends._protocol import require_loss
 from cola_curvature.backends.torch import distributed, kfac, per_example, products
 from cola_curvature.backends.torch.losses import as_loss
 from cola_curvature.backends.torch.state import (
@@ -19,8 +20,9 @@ from cola_curvature.backends.torch.state import (
     TorchRandom,
     preserved_global_state,
 )
+from cola_curvature.kfac_statistics import moments as statistics
+from cola_curvature.kfac_statistics import shared_weights
 from cola_curvature.losses import Loss
-from cola_curvature.operators import kronecker_statistics as statistics
 from cola_curvature.options import FisherType, KFACApprox
 
 
@@ -73,6 +75,24 @@ def _check_no_batch_statistics(model: nn.Module) -> None:
         )
 
 
+@contextmanager
+def _parameters_restored(model: nn.Module) -> Iterator[None]:
+    """Put every module's own parameters back on exit, whatever ``functional_call`` left.
+
+    ``torch.func.functional_call`` (torch 2.13) does not restore a module registered under
+    two names (``nn.Sequential(layer, act, layer)``): it leaves the substituted tensor in
+    the module, so the user's model would lose its parameters.
+    """
+    saved = [(module, dict(module._parameters)) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, parameters in saved:
+            for name, parameter in parameters.items():
+                if module._parameters.get(name) is not parameter:
+                    module._parameters[name] = parameter
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     """Return the tensors inside a nested batch structure."""
     leaves, _ = torch.utils._pytree.tree_flatten(obj)
@@ -84,14 +104,17 @@ class TorchBackend:
 
     The model runs through :func:`torch.func.functional_call` on detached copies of
     the parameters and clones of the buffers, so the user's tensors, ``requires_grad``
-    flags, train/eval modes and batch-norm statistics are never modified.
+    flags, train/eval modes and batch-norm statistics are never modified. With
+    ``loss_func=None`` only the products of the model's outputs work (``forward``,
+    ``output_jvp``, ``output_vjp``, ``output_jacobian``); anything that needs the loss
+    raises ``TypeError``.
     """
 
     def __init__(self, model: nn.Module, loss_func: Any, params: Sequence[torch.Tensor]) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         _check_no_batch_statistics(model)
-        self.loss: Loss = as_loss(loss_func)
+        self._loss = None if loss_func is None else as_loss(loss_func)
         self._model = model
         self._names = _parameter_names(model, params)
         self._params = list(params)
@@ -104,6 +127,11 @@ class TorchBackend:
         self._routes = products.ProductRoutes()
         #: Why KFAC leaves a parameter uncovered, by position in ``params`` (tied weights, ...).
         self.uncovered_reasons: dict[int, str] = {}
+
+    @property
+    def loss(self) -> Loss:
+        """Return the loss; ``TypeError`` for a backend built with ``loss_func=None``."""
+        return require_loss(self._loss)
 
     def _functional_state(self) -> dict[str, torch.Tensor]:
         """Return detached parameters and cloned buffers for one functional call."""
@@ -119,7 +147,7 @@ class TorchBackend:
             state.update(zip(self._names, params, strict=True))
             # torch's fused attention kernels have neither forward-mode AD nor double
             # backward on CPU; the math kernel computes the same function with both.
-            with sdpa_kernel(SDPBackend.MATH):
+            with sdpa_kernel(SDPBackend.MATH), _parameters_restored(self._model):
                 outputs = functional_call(self._model, state, (inputs,))
             if not isinstance(outputs, torch.Tensor):
                 raise TypeError(
@@ -213,6 +241,17 @@ class TorchBackend:
         flat = [j.reshape(*outputs.shape, -1) for j in jacobians]
         return outputs, torch.cat(flat, dim=-1)
 
+    def output_jvp(self, columns: list[torch.Tensor], inputs: Any) -> torch.Tensor:
+        """Return ``J V`` on one batch, shape ``(k, *f.shape)`` (:func:`products.output_jvp`)."""
+        return products.output_jvp(self._model_fn(), self._params, columns, inputs, self._routes)
+
+    def output_vjp(self, cotangents: torch.Tensor, inputs: Any) -> list[torch.Tensor]:
+        """Return ``Jᵀ U`` on one batch for ``U`` of shape ``(k, *f.shape)``, per parameter."""
+        if cotangents.is_inference():  # autodiff cannot use an inference-mode tensor
+            with torch.inference_mode(False):
+                cotangents = cotangents.clone()
+        return products.output_vjp(self._model_fn(), self._params, cotangents, inputs)
+
     def gauss_newton_matmat(
         self,
         columns: list[torch.Tensor],
@@ -296,11 +335,11 @@ class TorchBackend:
         rng: TorchExampleRandom,
         bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
-        """Return one batch's EKFAC eigenvalue corrections per layer."""
+        """Return one batch's EKFAC eigenvalue corrections per layer (shared weights too)."""
         signals = kfac.layer_signals(
             self._model_fn(),
             self._params,
-            layers,
+            shared_weights.use_layers(layers),
             batch,
             self.loss,
             num_data,
@@ -308,7 +347,7 @@ class TorchBackend:
             mc_samples,
             rng,
         )
-        return statistics.batch_eigencorrections(signals, bases)
+        return shared_weights.layer_eigencorrections(signals, layers, bases)
 
     @property
     def param_names(self) -> list[str]:

@@ -23,13 +23,18 @@ from torch.nn import functional as F
 from torch.nn.functional import pad
 from torch.utils import _pytree
 
-from cola_curvature.losses import Loss
-from cola_curvature.operators.kronecker_statistics import (
+from cola_curvature.kfac_statistics.moments import (
     LayerSignals,
     TokenInputs,
     _augment,
     output_cotangents,
 )
+from cola_curvature.kfac_statistics.shared_weights import (
+    SharedWeightLayer,
+    shared_weight_rejection,
+    use_layers,
+)
+from cola_curvature.losses import Loss
 from cola_curvature.options import FisherType
 
 
@@ -124,7 +129,9 @@ class KroneckerLayer:
     (``None`` when that parameter is not part of the curvature). ``layout`` says how the
     rows of the call's input are ordered: ``"example-major"`` (``n T + t``, e.g.
     ``(N, T, in)``) or ``"example-minor"`` (``t N + n``, e.g. the ``(T, N, E)`` inside
-    ``nn.MultiheadAttention``).
+    ``nn.MultiheadAttention``). ``call_index`` says which of the ``calls`` calls on the
+    weight in one forward pass this layer is (several for a tied or reused weight, each a
+    use of a :class:`~cola_curvature.kfac_statistics.shared_weights.SharedWeightLayer`).
     """
 
     name: str
@@ -134,6 +141,8 @@ class KroneckerLayer:
     bias_index: int | None
     layout: str
     settings: dict[str, Any] = field(default_factory=dict, compare=False)
+    call_index: int = 0
+    calls: int = 1
 
     @property
     def out_features(self) -> int:
@@ -220,11 +229,8 @@ def _same_rows(first: torch.Tensor, second: torch.Tensor) -> bool:
     return bool((first - second).abs().max() <= tolerance)
 
 
-def _rejection(calls: Sequence[LayerCall], layout: str | None) -> str | None:
-    """Return why the calls on one weight cannot be a Kronecker layer, or ``None``."""
-    if len(calls) > 1:
-        return f"ran {len(calls)} times in one forward pass (a tied or reused weight)"
-    call = calls[0]
+def _rejection(call: LayerCall, layout: str | None) -> str | None:
+    """Return why a call cannot be (a use of) a Kronecker layer, or ``None``."""
     settings = call.settings
     if call.kind == "conv2d" and settings["groups"] != 1:
         return f"a conv2d call with groups={settings['groups']} (KFAC needs groups=1)"
@@ -264,11 +270,13 @@ def kronecker_layers(
     The model runs twice as for the statistics (with a graph: without one,
     ``nn.MultiheadAttention`` takes a fused path with no ``F.linear`` calls), on the first
     example of ``inputs`` and on two copies of it. Every recorded call on a parameter
-    becomes a layer unless its weight is used in more than one call (a tied or reused
-    weight: its factors would describe one use), it is a grouped convolution or an
-    embedding with ``max_norm`` / ``scale_grad_by_freq``, or its rows do not double with
-    the examples in a known order
-    (:func:`_example_layout`). The reasons are keyed by position in ``params``.
+    becomes a layer unless it is a grouped convolution or an embedding with ``max_norm`` /
+    ``scale_grad_by_freq``, or its rows do not double with the examples in a known order
+    (:func:`_example_layout`). A weight used by several calls (an lm-head tied to the
+    token embedding, a layer applied twice) is one
+    :class:`~cola_curvature.kfac_statistics.shared_weights.SharedWeightLayer` whose uses are
+    the calls, when every call qualifies and they agree on the bias. The reasons are keyed
+    by position in ``params``.
     """
     leaves = [p.detach().requires_grad_(True) for p in params]
     index = {id(leaf): i for i, leaf in enumerate(leaves)}
@@ -282,28 +290,55 @@ def kronecker_layers(
         first = calls[0]
         weight_index = index.get(id(first.weight))
         bias_index = index.get(id(first.bias)) if first.bias is not None else None
-        layout = _example_layout(first, runs[1][key][0]) if key in runs[1] else None
-        reason = _rejection(calls, layout)
-        if reason is not None:
-            reasons.update({i: reason for i in (weight_index, bias_index) if i is not None})
-            continue
         name = (
             _layer_name(names, weight_index, ".weight")
             if weight_index is not None
             else _layer_name(names, bias_index, ".bias")
         )
-        shape = tuple(first.weight.shape)
-        layers.append(
-            KroneckerLayer(
-                name, first.kind, shape, weight_index, bias_index, layout, first.settings
-            )
-        )
-    calls = [runs[0][_layer_key(layer)][0] for layer in layers]
-    for layer in _used_outside_their_call(layers, calls, outputs[0], leaves):
-        reason = "also used outside its call (e.g. x @ W.T): the call's factors miss that use"
+        uses, reason = _uses(name, calls, runs[1].get(key, []), index)
+        if reason is None and len(uses) > 1:
+            reason = shared_weight_rejection(uses)
+        if reason is not None:
+            reasons.update({i: reason for i in (weight_index, bias_index) if i is not None})
+            continue
+        layers.append(uses[0] if len(uses) == 1 else SharedWeightLayer(name, tuple(uses)))
+    for layer in _used_outside_their_calls(layers, runs[0], outputs[0], leaves):
+        reason = "also used outside its calls (e.g. x @ W.T): the calls' factors miss that use"
         reasons.update({i: reason for i in (layer.weight_index, layer.bias_index) if i is not None})
         layers.remove(layer)
     return layers, reasons
+
+
+def _uses(
+    name: str, calls: Sequence[LayerCall], doubled: Sequence[LayerCall], index: dict[int, int]
+) -> tuple[list[KroneckerLayer], str | None]:
+    """Return a layer per call on one weight (``name``), or why one of them cannot be one."""
+    if len(doubled) != len(calls):
+        return [], "its calls differ between runs on one and on two examples"
+    uses = []
+    for position, (call, twin) in enumerate(zip(calls, doubled, strict=True)):
+        layout = _example_layout(call, twin)
+        reason = _rejection(call, layout)
+        if reason is not None:
+            return [], reason if len(calls) == 1 else f"call {position} of {len(calls)}: {reason}"
+        bias_index = index.get(id(call.bias)) if call.bias is not None else None
+        use_name = name if len(calls) == 1 else f"{name}#{position}"
+        weight_index = index.get(id(call.weight))
+        shape = tuple(call.weight.shape)
+        uses.append(
+            KroneckerLayer(
+                use_name,
+                call.kind,
+                shape,
+                weight_index,
+                bias_index,
+                layout,
+                call.settings,
+                position,
+                len(calls),
+            )
+        )
+    return uses, None
 
 
 def _layer_key(layer: KroneckerLayer) -> tuple[str, int]:
@@ -313,19 +348,20 @@ def _layer_key(layer: KroneckerLayer) -> tuple[str, int]:
     return "bias", layer.bias_index
 
 
-def _used_outside_their_call(
-    layers: Sequence[KroneckerLayer],
-    calls: Sequence[LayerCall],
+def _used_outside_their_calls(
+    layers: Sequence[Any],
+    calls: dict[tuple, list[LayerCall]],
     outputs: torch.Tensor,
     leaves: Sequence[torch.Tensor],
-) -> list[KroneckerLayer]:
-    """Return the layers whose parameters the outputs also depend on outside their call.
+) -> list[Any]:
+    """Return the layers whose parameters the outputs also depend on outside their calls.
 
     For a random cotangent ``u`` (a private generator), the gradient of ``⟨u, f⟩`` w.r.t. a
-    layer's ``[W b]`` equals ``Σ_{n,t} g ãᵀ`` of its call (``g`` the gradient w.r.t. the
-    call output) when the call is their only use; a weight also used as ``x @ W.T`` (a
-    hand-written tied lm-head) is not, and its KFAC block would describe one use only.
-    Agreement is to ``√ε`` of the dtype, relative to the gradient's largest entry.
+    layer's ``[W b]`` equals ``Σ_{n,t} g ãᵀ`` summed over its calls (``g`` the gradient
+    w.r.t. a call's output; a transposed use of a shared weight contributes the transpose)
+    when the calls are their only uses; a weight also used as ``x @ W.T`` is not, and its
+    KFAC block would miss that use. Agreement is to ``√ε`` of the dtype, relative to the
+    gradient's largest entry.
     """
     if not layers:
         return []
@@ -333,18 +369,25 @@ def _used_outside_their_call(
     cotangent = torch.randn(
         outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device
     )
+    uses = [use_layers([layer]) for layer in layers]
+    layer_calls = [calls[_layer_key(use)][use.call_index] for group in uses for use in group]
     own = [
         [leaves[i] for i in (layer.weight_index, layer.bias_index) if i is not None]
         for layer in layers
     ]
-    tensors = [call.output for call in calls] + [leaf for group in own for leaf in group]
+    tensors = [call.output for call in layer_calls] + [leaf for group in own for leaf in group]
     grads = torch.autograd.grad(outputs, tensors, cotangent, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
-    output_grads, param_grads = grads[: len(calls)], iter(grads[len(calls) :])
+    output_grads = iter(zip(layer_calls, grads[: len(layer_calls)], strict=True))
+    param_grads = iter(grads[len(layer_calls) :])
     tolerance = torch.finfo(outputs.dtype).eps ** 0.5
     shared = []
-    for layer, call, output_grad in zip(layers, calls, output_grads, strict=True):
-        through_call = _call_gradient(layer, call, output_grad)
+    for layer, group in zip(layers, uses, strict=True):
+        through_calls = 0
+        for use in group:
+            gradient = _call_gradient(use, *next(output_grads))
+            transposed = isinstance(layer, SharedWeightLayer) and layer.transposed(use)
+            through_calls = through_calls + (gradient.T if transposed else gradient)
         columns = []
         if layer.weight_index is not None:
             weight_grad = next(param_grads).reshape(-1)
@@ -352,7 +395,7 @@ def _used_outside_their_call(
         if layer.bias_index is not None:
             columns.append(next(param_grads)[:, None])
         total = torch.cat(columns, dim=1)
-        if (through_call - total).abs().max() > tolerance * total.abs().max():
+        if (through_calls - total).abs().max() > tolerance * total.abs().max():
             shared.append(layer)
     return shared
 
@@ -465,7 +508,8 @@ def layer_signals(
     ``C'`` backward passes.
 
     Raises:
-        ValueError: when a layer runs more than once in one forward pass.
+        ValueError: when a layer's weight is called more or less often than on the first
+            batch.
     """
     inputs, targets = batch
     leaves = [p.detach().requires_grad_(True) for p in params]
@@ -476,13 +520,12 @@ def layer_signals(
     captured = {}
     for layer in layers:
         layer_calls = grouped.get(_layer_key(layer), [])
-        if len(layer_calls) != 1:
+        if len(layer_calls) != layer.calls:
             raise ValueError(
-                f"layer {layer.name!r} ran {len(layer_calls)} times in one forward pass; KFAC "
-                "needs each layer called once (share weights through a sequence dimension "
-                "instead)."
+                f"layer {layer.name!r} ran {len(layer_calls)} times in one forward pass, "
+                f"{layer.calls} on the first batch; KFAC needs the same calls on every batch."
             )
-        captured[layer.name] = layer_calls[0]
+        captured[layer.name] = layer_calls[layer.call_index]
     loss.check_target(outputs.detach(), targets)
     examples = outputs.shape[0]
     layer_inputs = {

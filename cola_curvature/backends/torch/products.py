@@ -383,14 +383,30 @@ def gauss_newton_matmat(
     from reverse mode instead (see :func:`_pushforwards_any_route`; ``routes`` carries what
     earlier products on the same model learnt).
     """
-    num_columns = columns[0].shape[0]
     outputs, leaves, tangents, batched = _pushforwards_any_route(
         model_fn, params, columns, inputs, ProductRoutes() if routes is None else routes
     )
     output_columns = output_matmat(outputs.detach(), targets, torch.stack(tangents))
     del tangents
+    return _pullbacks(outputs, leaves, params, output_columns, batched)
+
+
+def _pullbacks(
+    outputs: torch.Tensor,
+    leaves: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    output_columns: torch.Tensor,
+    batched: bool,
+) -> list[torch.Tensor]:
+    """Return ``Jᵀ U`` through the graph of ``outputs`` for ``U`` of shape ``(k, *f.shape)``.
+
+    One backward pass per column, or (``batched``) first one batched backward pass
+    (``is_grads_batched``), falling back to the column-by-column passes if it fails.
+    Entries of the result have shape ``(k, *p.shape)``.
+    """
+    num_columns = output_columns.shape[0]
     if not outputs.requires_grad:
-        return _zeros_like_columns(columns)
+        return [p.new_zeros((num_columns, *p.shape)) for p in params]
     if batched:
         try:
             with warnings.catch_warnings():
@@ -404,7 +420,8 @@ def gauss_newton_matmat(
                     is_grads_batched=True,
                 )
             return [
-                torch.zeros_like(c) if g is None else g for g, c in zip(grads, columns, strict=True)
+                p.new_zeros((num_columns, *p.shape)) if g is None else g
+                for g, p in zip(grads, params, strict=True)
             ]
         except (RuntimeError, NotImplementedError):
             pass
@@ -418,6 +435,42 @@ def gauss_newton_matmat(
         torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in results])
         for j, p in enumerate(params)
     ]
+
+
+def output_jvp(
+    model_fn: ModelFn,
+    params: Sequence[torch.Tensor],
+    columns: Sequence[torch.Tensor],
+    inputs: object,
+    routes: ProductRoutes | None = None,
+) -> torch.Tensor:
+    """Return ``J V`` of shape ``(k, *f.shape)`` for ``k`` columns ``V``.
+
+    The route of :func:`gauss_newton_matmat`: one forward pass with dual tensors and, for
+    ``k > 1``, replays of the taped tangent operations, or reverse mode where forward AD is
+    missing (:func:`_pushforwards_any_route`). The reverse-mode graph that pass records is
+    dropped on return.
+    """
+    _, _, tangents, _ = _pushforwards_any_route(
+        model_fn, params, columns, inputs, ProductRoutes() if routes is None else routes
+    )
+    return torch.stack(tangents)
+
+
+def output_vjp(
+    model_fn: ModelFn,
+    params: Sequence[torch.Tensor],
+    cotangents: torch.Tensor,
+    inputs: object,
+) -> list[torch.Tensor]:
+    """Return ``Jᵀ U`` for ``k`` output cotangents ``U`` of shape ``(k, *f.shape)``.
+
+    One forward pass that records the graph, one backward pass per column; entries of
+    the result have shape ``(k, *p.shape)``.
+    """
+    leaves = _leaves(params)
+    outputs = model_fn(leaves, inputs)
+    return _pullbacks(outputs, leaves, params, cotangents, batched=False)
 
 
 def _hessian_matmat_forward_over_reverse(

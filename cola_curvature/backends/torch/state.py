@@ -7,10 +7,12 @@ import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwad
+from plum import dispatch
 
 #: Held while curvature work runs the model: torch's forward-mode AD level is process-wide
 #: (two threads would nest it), ``functional_call`` swaps a module's parameters for the
@@ -70,6 +72,14 @@ class TorchRandom:
     def normal(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """Return samples from N(0, 1) with dtype and device of ``like``."""
         return torch.randn(shape, generator=self._generator, dtype=like.dtype, device=like.device)
+
+
+# a method of cola_curvature.matfree._random.seeded_random_source (plum's global dispatcher
+# joins methods by name, so the algorithms and this backend need not import each other)
+@dispatch
+def seeded_random_source(like: torch.Tensor, seed: Any) -> TorchRandom:
+    """Return a :class:`TorchRandom` seeded with ``seed`` on the device of ``like``."""
+    return TorchRandom(seed, like.device)
 
 
 def _signed(constant: int) -> int:

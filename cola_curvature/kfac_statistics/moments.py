@@ -134,7 +134,7 @@ def output_cotangents(
     empirical: the observed output gradient.
     """
     if fisher_type is FisherType.TYPE2:
-        return loss.hessian_sqrt(outputs)
+        return loss.hessian_sqrt(outputs, targets)
     if fisher_type is FisherType.MC:
         return loss.sampled_output_gradients(outputs, rng, mc_samples) / mc_samples**0.5
     return loss.output_gradient(outputs, targets)[None]
