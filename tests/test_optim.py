@@ -390,3 +390,23 @@ def test_kfac_refuses_bad_options_and_a_missing_batch():
         opt.step()
     with pytest.raises(TypeError, match="update_interval"):
         cc.optim.KFAC(model, loss_func, params, update_interval=1.5)
+
+
+def test_training_a_compiled_model_takes_the_same_steps():
+    """``torch.compile`` of the model (graph capture with the ``aot_eager`` backend, no C++
+    toolchain needed) leaves the gradients, and so the optimizer's steps, as in eager mode."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    X, y = torch.randn(8, 3, dtype=F64), torch.randn(8, 2, dtype=F64)
+    trained = []
+    for compiled in (False, True):
+        model = copy.deepcopy(reference)
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        optimizer = cc.optim.SymmetryPreconditioned(model.parameters(), lr=0.1, damping=1e-3)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(forward(X), y).backward()
+            optimizer.step()
+        trained.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert close(trained[1], trained[0])
+    assert not torch.equal(trained[0], torch.cat([p.reshape(-1) for p in reference.parameters()]))

@@ -69,7 +69,9 @@ class SymmetryPreconditioned(torch.optim.Optimizer):
     ``damping``, ``update_interval``, ``power``, ``momentum``, ``weight_decay``,
     ``grafting``. State (``state_dict()``): per parameter ``step``, the moving
     ``statistics``, the frozen ``preconditioner`` statistics, ``second_moment`` (Adam
-    grafting) and ``momentum_buffer``. ``torch.compile`` of the step is not supported.
+    grafting) and ``momentum_buffer``. A model compiled with ``torch.compile`` trains the
+    same as in eager mode (the step reads ``.grad``; tested); compiling ``step`` itself is
+    not supported (eigendecompositions and Python control flow).
 
     Args:
         params: Tensors, or dicts of parameter groups, as for any ``torch.optim`` optimizer.
