@@ -232,8 +232,8 @@ def gpt_workload(scale: Scale) -> Workload:
         "KFAC uses the same"
     )
     choice = (
-        "Untied lm-head: both libraries' KFAC then cover it as a `Linear` layer (ours leaves a "
-        "weight the embedding and the head share to the uncovered block)."
+        "Untied lm-head: both libraries' KFAC then cover it as a `Linear` layer (a tied one is "
+        "one nearest-Kronecker block in ours, which curvlinops has no counterpart of)."
     )
     return Workload("gpt", description, model, batches, "mc", why, choice)
 
