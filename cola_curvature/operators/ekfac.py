@@ -46,27 +46,27 @@ class EKFAC(KFAC):
                 "'type-2', 'mc' or 'empirical'."
             )
         super().__init__(*args, **kwargs)
-        roles = self.layer_blocks()
+        eigen_forms = [
+            [block.eigen() for block in roles.values() if block is not None]
+            for roles in self.layer_blocks()
+        ]
         bases = {}
-        for layer, blocks in zip(self.layers, roles, strict=True):
-            eigen = [block.eigen() for block in blocks.values() if block is not None]
+        for layer, eigen in zip(self.layers, eigen_forms, strict=True):
             q_in = (
                 eigen[0].q_in if len(eigen) == 1 else _block_diagonal(eigen[0].q_in, eigen[1].q_in)
             )
             bases[layer.name] = (eigen[0].q_out, q_in)
         corrections = self._eigencorrections(bases)
         blocks = []
-        for layer, roles_of_layer in zip(self.layers, roles, strict=True):
-            q_out, q_in = bases[layer.name]
-            present = [block for block in roles_of_layer.values() if block is not None]
-            if len(present) == 1:
-                blocks.append(EigenKronecker(q_out, q_in, corrections[layer.name]))
+        for layer, eigen in zip(self.layers, eigen_forms, strict=True):
+            eigenvalues = corrections[layer.name]
+            if len(eigen) == 1:
+                blocks.append(EigenKronecker(*bases[layer.name], eigenvalues))
                 continue
             columns = layer.in_features - 1  # a separated layer: the weight's, then the bias
-            eigenvalues = corrections[layer.name]
-            weight_basis = present[0].eigen().q_in
-            blocks.append(EigenKronecker(q_out, weight_basis, eigenvalues[:, :columns]))
-            blocks.append(EigenKronecker(q_out, present[1].eigen().q_in, eigenvalues[:, columns:]))
+            weight, bias = eigen
+            blocks.append(EigenKronecker(weight.q_out, weight.q_in, eigenvalues[:, :columns]))
+            blocks.append(EigenKronecker(bias.q_out, bias.q_in, eigenvalues[:, columns:]))
         blocks += [block.eigen() for block in self.blocks[len(blocks) :]]
         KroneckerFactored.__init__(self, blocks, self.permutation)
 
