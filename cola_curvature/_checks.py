@@ -16,13 +16,13 @@ def check_data(data: Any) -> None:
         )
 
 
-def _array_leaves(obj: Any) -> Iterator[Any]:
+def array_leaves(obj: Any) -> Iterator[Any]:
     """Yield the array-like leaves (anything with ``shape`` and ``dtype``) of nested batches."""
     if isinstance(obj, Mapping):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
         for item in obj:
-            yield from _array_leaves(item)
+            yield from array_leaves(item)
     elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
         yield obj
 
@@ -33,7 +33,7 @@ def check_array_library(batch: Any, accepted: tuple[type, ...], model: str, fix:
     E.g. torch tensors in the data of a JAX model or JAX arrays in a torch model's: the
     message names the array type and ``fix``, the conversion to apply.
     """
-    for leaf in _array_leaves(batch):
+    for leaf in array_leaves(batch):
         if not isinstance(leaf, accepted):
             kind = f"{type(leaf).__module__}.{type(leaf).__name__}"
             raise TypeError(f"data holds a {kind}, but {model} needs {fix}.")

@@ -156,7 +156,7 @@ class Laplace:
         self.params = params
         self.temperature = temperature
         self.distributed = distributed
-        self._mean = backend.parameter_vector()
+        self._mean = backend.layout.vector()
         self._indices = (
             None if selection.indices is None else index_array(self._mean, selection.indices)
         )

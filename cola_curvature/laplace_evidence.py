@@ -39,8 +39,9 @@ def negative_log_likelihood(
         total = total + loss.sum_value(outputs, targets)
         count += math.prod(outputs.shape)
     if distributed:
-        total = backend.sum_over_processes(total)
-        count = sum(backend.gather_counts(count))
+        group = backend.process_group()
+        total = group.sum(total)
+        count = sum(group.gather_counts(count))
     return total, count, input_shape
 
 

@@ -74,12 +74,12 @@ def select_parameters(
     tensors = isinstance(subnetwork, (list, tuple)) and len(subnetwork) > 0
     if tensors and all(hasattr(t, "shape") for t in subnetwork):  # else indices, e.g. [0, 3]
         return ParameterSelection(_tensor_positions(_leaves(backend), subnetwork), None)
-    return _index_selection(backend.param_sizes, subnetwork)
+    return _index_selection(backend.layout.sizes, subnetwork)
 
 
 def _leaves(backend: CurvatureBackend) -> list[Array]:
     """Return the backend's parameter tensors (torch: the user's; JAX: the pytree's leaves)."""
-    return backend.parameter_subset(range(len(backend.param_sizes)))[1]
+    return backend.parameter_subset(range(len(backend.layout.sizes)))[1]
 
 
 def _tensor_positions(leaves: list[Array], tensors: list[Array] | tuple[Array, ...]) -> list[int]:

@@ -33,7 +33,4 @@ def preconditioned_step(
     # the curvature is PSD: eigenvalues below 0 are rounding (a float32 eigh of GᵀG/m gives
     # -2e-5 next to 110), and a negative base to the power -1/2 would be NaN
     operator = curvature.map_spectrum(lambda s: ((s + abs(s)) / 2 + damping) ** power)
-    backend = getattr(curvature, "_backend", None)
-    if backend is not None and backend.is_param_format(gradient):
-        return backend.as_param_format(operator @ backend.as_param_matrix(gradient))
     return operator @ gradient

@@ -163,7 +163,7 @@ def test_token_inputs_give_the_gathers_own_gradient_for_out_of_range_indices(loo
     backend = JaxBackend(model_fn, loss, params)
     layers = backend.kronecker_layers([(tokens, targets)])
     options = SignalOptions(
-        model_fn, loss, tuple(backend.param_names), tuple(layers), 2, FisherType.EMPIRICAL, 1
+        model_fn, loss, tuple(backend.layout.names), tuple(layers), 2, FisherType.EMPIRICAL, 1
     )
     signals = layer_signals(options, params, tokens, targets, None)
     inputs, grads = signals.inputs["['table']"], signals.output_grads["['table']"][0]

@@ -160,7 +160,7 @@ def test_kfac_without_biases_matches_laplace_torch_kron():
 def separate_weight_and_bias(kfac):
     """Our KFAC's factors as laplace-torch's blocks: ``G ⊗ A_ww`` and ``G ⊗ A_bb`` per layer."""
     offsets = [0]
-    for size in kfac._backend.param_sizes:
+    for size in kfac._backend.layout.sizes:
         offsets.append(offsets[-1] + size)
     blocks, positions = [], []
     for layer, block in zip(kfac.layers, kfac.blocks, strict=True):

@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from cola_curvature.losses import Loss, RandomSource
+from cola_curvature.parameter_layout import ParameterLayout
 
 Array = Any
 Batch = tuple[Any, Any]
@@ -31,6 +32,22 @@ def require_loss(loss: Loss | None) -> Loss:
     return loss
 
 
+class ProcessGroup(Protocol):
+    """The ranks a distributed curvature sums over (``torch.distributed``)."""
+
+    def gather_counts(self, count: int) -> list[int]:
+        """Return every rank's ``count``, in rank order."""
+
+    def rank(self) -> int:
+        """Return this process's rank."""
+
+    def check_same_parameters(self, vector: Array) -> None:
+        """Raise ``ValueError`` on every rank when the ranks' parameter vectors differ."""
+
+    def sum(self, partial: Array) -> Array:
+        """Return ``partial`` summed over all ranks (one ``all_reduce``)."""
+
+
 class CurvatureBackend(Protocol):
     """Products with the Jacobian and Hessian of a model, and the plumbing around them.
 
@@ -44,6 +61,9 @@ class CurvatureBackend(Protocol):
     dtype: Any
     device: Any
     num_params: int
+    #: The parameters' names, shapes, flat order and user-facing format (written once, on
+    #: CoLA's ``xnp``, for every backend).
+    layout: ParameterLayout
 
     def forward(self, inputs: Any) -> Array:
         """Return the model output ``f(x)`` for one batch of inputs."""
@@ -57,23 +77,18 @@ class CurvatureBackend(Protocol):
     ) -> ParamColumns:
         """Return ``Jᵀ M J V`` with ``M`` given by ``output_matmat``, one forward pass shared."""
 
-    def check_process_group(self) -> None:
-        """Raise unless the backend can combine results over an initialised process group."""
+    def process_group(self) -> ProcessGroup:
+        """Return the process group ``distributed=True`` combines over; raise where none is."""
 
-    def gather_counts(self, count: int) -> list[int]:
-        """Return every rank's ``count``, in rank order."""
-
-    def process_rank(self) -> int:
-        """Return this process's rank in the process group."""
-
-    def check_same_parameters(self) -> None:
-        """Raise ``ValueError`` on every rank when the ranks' parameter values differ."""
-
-    def sum_over_processes(self, partial: Array) -> Array:
-        """Return ``partial`` summed over all ranks (one ``all_reduce``)."""
-
-    def parameter_vector(self) -> Array:
-        """Return the current parameter values as one flat ``(D,)`` array (no autodiff)."""
+    def curvature_diagonal(
+        self,
+        batch: Batch,
+        num_data: int,
+        fisher_type: Any,
+        mc_samples: int,
+        rng: RandomSource,
+    ) -> Array:
+        """Return one batch's ``R Σ_{n,c} (J_nᵀ u_{n,c})²``, flat ``(D,)``: a curvature diagonal."""
 
     def output_jacobian(self, inputs: Any) -> tuple[Array, Array]:
         """Return ``f(x)`` and ``∂f/∂θ`` of shape ``(*f.shape, D)``."""
@@ -94,14 +109,6 @@ class CurvatureBackend(Protocol):
 
     def hessian_matmat(self, columns: ParamColumns, batch: Batch, risk: BatchRisk) -> ParamColumns:
         """Return ``∇²_θ risk · V`` (``risk`` a stable callable, as ``output_matmat``)."""
-
-    @property
-    def param_names(self) -> list[str]:
-        """Return a readable name of each parameter, in ``params`` order."""
-
-    @property
-    def param_sizes(self) -> list[int]:
-        """Return the number of entries of each parameter, in ``params`` order."""
 
     def kronecker_layers(self, data: Iterable[Batch]) -> list[Any]:
         """Return the layers KFAC supports that own entries of ``params``.
@@ -139,41 +146,11 @@ class CurvatureBackend(Protocol):
     ) -> dict[str, Array]:
         """Return one batch's EKFAC eigenvalue corrections per layer."""
 
-    def flatten(self, columns: ParamColumns) -> Array:
-        """Stack per-parameter columns ``(k, *p.shape)`` into a matrix ``(D, k)``."""
-
-    def unflatten(self, matrix: Array) -> ParamColumns:
-        """Split a matrix ``(D, k)`` into per-parameter columns ``(k, *p.shape)``."""
-
-    def is_param_format(self, v: Any) -> bool:
-        """Return whether ``v`` is parameter-shaped input, not a ``(D,)`` or ``(D, k)`` array."""
-
-    def as_param_matrix(self, tensors: Any) -> Array:
-        """Turn parameter-shaped input into a ``(D, 1)`` matrix, validating the shapes."""
-
-    def as_param_format(self, matrix: Array) -> Any:
-        """Turn a ``(D, 1)`` matrix back into the parameter format."""
-
-    #: How parameter-shaped input looks to the user (e.g. "a list of tensors shaped like params").
-    param_format: str
-
-    def check_array(self, v: Any) -> None:
-        """Raise unless ``v`` is an array of this backend with the parameters' dtype, device."""
-
     def batch_size(self, inputs: Any) -> int:
         """Return the number of examples in a batch of inputs."""
 
     def check_batch(self, batch: Batch) -> None:
         """Raise when a batch contains NaN or infinite values."""
-
-    def all_finite(self, x: Array) -> bool:
-        """Return whether a concrete array holds no NaN or infinite entry."""
-
-    def batches_equal(self, first: Batch, second: Batch) -> bool:
-        """Return whether two batches hold the same values."""
-
-    def arrays_close(self, first: Array, second: Array) -> bool:
-        """Return whether two arrays agree to the working precision."""
 
     def preserved_state(self) -> AbstractContextManager[None]:
         """Context in which RNG states and buffers the products touch are restored after."""

@@ -26,7 +26,7 @@ def layer_groups(kfac: Any, target: str) -> list[tuple[Any, dict[str, Any]]]:
     covered = {layer.weight_index for layer in kfac.layers} | {
         layer.bias_index for layer in kfac.layers
     }
-    names = kfac._backend.param_names
+    names = kfac._backend.layout.names
     missing = [names[i] for i in range(len(names)) if i not in covered]
     if missing:
         raise ValueError(

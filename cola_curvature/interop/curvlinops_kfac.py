@@ -173,9 +173,9 @@ def _check_same_loss(kfac: KFAC, loss_func: Any, params: Sequence[torch.Tensor])
             f"built with {type(ours).__name__}({ours.reduction.value!r})."
         )
     sizes = [p.numel() for p in params]
-    if sizes != list(kfac._backend.param_sizes):
+    if sizes != list(kfac._backend.layout.sizes):
         raise ValueError(
-            f"params have sizes {sizes} but the KFAC's have {list(kfac._backend.param_sizes)}; "
+            f"params have sizes {sizes} but the KFAC's have {list(kfac._backend.layout.sizes)}; "
             "pass the KFAC's params in its order."
         )
 

@@ -90,10 +90,13 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
 
     def _matmat(self, X: Array) -> Array:
         """Return ``A X`` for ``X`` of shape ``(D, k)``, summed over all batches."""
-        backend = self._backend
-        columns = backend.unflatten(X)
+        layout = self._layout
+        return layout.flatten(self._matmat_columns(layout.unflatten(X)))
+
+    def _matmat_columns(self, columns: list[Array]) -> list[Array]:
+        """Return ``A V`` for per-parameter columns, summed over all batches (and ranks)."""
         total = None
-        with backend.preserved_state():
+        with self._backend.preserved_state():
             desc = f"{type(self).__name__} @ V"
             for batch, rng in self._data.sampled_batches(desc, self._sampling_seed()):
                 contribution = self._batch_matmat(columns, batch, rng)
@@ -102,7 +105,10 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
                     if total is None
                     else [t + c for t, c in zip(total, contribution, strict=True)]
                 )
-        return self._data.combine(backend.flatten(total))
+        if self._data.process_group is None:
+            return total
+        layout = self._layout  # one all_reduce for all parameters
+        return layout.unflatten(self._data.combine(layout.flatten(total)))
 
     def _check_deterministic(self) -> None:
         """Raise ``RuntimeError`` when data, model outputs or products are not reproducible.
@@ -123,5 +129,5 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
                 "with concrete values if needed."
             )
         self._data.check_reproducible()
-        if not self._backend.arrays_close(first, self._matmat(probe)):
+        if not self._layout.arrays_close(first, self._matmat(probe)):
             raise RuntimeError(f"Two products with the same vector differ. {NONDETERMINISM_CAUSES}")

@@ -7,14 +7,23 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cola_curvature._checks import check_data, count_examples, resolve_num_data
+from cola_curvature._checks import array_leaves, check_data, count_examples, resolve_num_data
 from cola_curvature.backends import CurvatureBackend
+from cola_curvature.backends._protocol import ProcessGroup
 
 NONDETERMINISM_CAUSES = (
     "Likely causes: dropout or other randomness in train mode (call model.eval()), "
     "batch norm in train mode, data augmentation, or a DataLoader with shuffling "
     "(use shuffle=False). Pass check_deterministic=False to skip this check."
 )
+
+
+def batches_equal(first: Any, second: Any) -> bool:
+    """Return whether two batches hold the same arrays (any framework), entry for entry."""
+    a, b = list(array_leaves(first)), list(array_leaves(second))
+    return len(a) == len(b) and all(
+        tuple(x.shape) == tuple(y.shape) and bool((x == y).all()) for x, y in zip(a, b, strict=True)
+    )
 
 
 class CurvatureData:
@@ -56,26 +65,26 @@ class CurvatureData:
         self._batch_size = batch_size_fn or backend.batch_size
         self._first_example = 0
         self.distributed = distributed
-        if distributed:
-            backend.check_process_group()
+        #: The ranks the results are summed over (``None`` unless ``distributed``).
+        self.process_group: ProcessGroup | None = backend.process_group() if distributed else None
         with backend.preserved_state():
             counted = count_examples(data, self._batch_size, backend)
-        if distributed:
-            counts = backend.gather_counts(counted)
-            self._first_example = sum(counts[: backend.process_rank()])
+        if self.process_group is not None:
+            counts = self.process_group.gather_counts(counted)
+            self._first_example = sum(counts[: self.process_group.rank()])
             empty = [rank for rank, count in enumerate(counts) if count == 0]
             if empty:
                 raise ValueError(
                     f"ranks {empty} hold no examples; with distributed=True every rank needs "
                     "a non-empty shard of the data."
                 )
-            backend.check_same_parameters()
+            self.process_group.check_same_parameters(backend.layout.vector())
             counted = sum(counts)
         self.num_data = resolve_num_data(counted, num_data)
 
     def combine(self, partial: Any) -> Any:
         """Return ``partial`` summed over the ranks (itself unless ``distributed``)."""
-        return self._backend.sum_over_processes(partial) if self.distributed else partial
+        return partial if self.process_group is None else self.process_group.sum(partial)
 
     def batches(self, desc: str) -> Iterator[tuple[Any, Any]]:
         """Iterate over the batches, with a progress bar when enabled."""
@@ -102,12 +111,13 @@ class CurvatureData:
         backend = self._backend
         with backend.preserved_state():
             for first, second in zip(self.source, self.source, strict=False):
-                if not backend.batches_equal(first, second):
+                if not batches_equal(first, second):
                     raise RuntimeError(
                         f"Two passes over data gave different batches. {NONDETERMINISM_CAUSES}"
                     )
             inputs = next(iter(self.source))[0]
-            if not backend.arrays_close(backend.forward(inputs), backend.forward(inputs)):
+            outputs = backend.forward(inputs)
+            if not backend.layout.arrays_close(outputs, backend.forward(inputs)):
                 raise RuntimeError(
                     f"Two forward passes gave different outputs. {NONDETERMINISM_CAUSES}"
                 )

@@ -10,6 +10,7 @@ from cola.ops import LinearOperator
 
 from cola_curvature._tracing import is_abstract
 from cola_curvature.backends import CurvatureBackend
+from cola_curvature.parameter_layout import ParameterLayout
 
 
 class ParameterSpaceInterface:
@@ -22,28 +23,44 @@ class ParameterSpaceInterface:
 
     _backend: CurvatureBackend
 
+    @property
+    def _layout(self) -> ParameterLayout:
+        """The parameters' flat order and user-facing format."""
+        return self._backend.layout
+
     def __matmul__(self, X: Any) -> Any:
         """Multiply by ``(D,)``, ``(D, k)``, a CoLA operator, or input shaped like ``params``."""
         if isinstance(X, LinearOperator):
             return super().__matmul__(X)
-        if self._backend.is_param_format(X):
-            matrix = self._backend.as_param_matrix(X)
-            self._check_finite(matrix)
-            return self._backend.as_param_format(self._matmat(matrix))
+        layout = self._layout
+        if layout.is_param_format(X):
+            columns = layout.columns_of(X)
+            for column in columns:
+                self._check_finite(column)
+            return layout.value_of(self._matmat_columns(columns))
         self._check_matrix(X)
         if X.ndim == 2 and X.shape[1] == 0:
             return X[:, :0]
         return super().__matmul__(X)
 
+    def _matmat_columns(self, columns: list[Any]) -> list[Any]:
+        """Return ``A V`` for per-parameter columns ``V`` (one ``(k, *θ_p.shape)`` array each).
+
+        Through the ``(D, k)`` product by default; the matrix-free operators override it to
+        run on the columns directly, never stacking them.
+        """
+        layout = self._layout
+        return layout.unflatten(self._matmat(layout.flatten(columns)))
+
     def _check_matrix(self, v: Any) -> None:
         """Raise unless ``v`` is a finite backend array of shape ``(D,)`` or ``(D, k)``."""
-        backend = self._backend
-        backend.check_array(v)
-        if v.ndim not in (1, 2) or v.shape[0] != backend.num_params:
+        layout = self._layout
+        layout.check_array(v)
+        if v.ndim not in (1, 2) or v.shape[0] != layout.num_params:
             raise ValueError(
-                f"params have {backend.num_params} entries but v has shape {tuple(v.shape)}; "
-                f"expected (D,) or (D, k) with D={backend.num_params}, or "
-                f"{backend.param_format}."
+                f"params have {layout.num_params} entries but v has shape {tuple(v.shape)}; "
+                f"expected (D,) or (D, k) with D={layout.num_params}, or "
+                f"{layout.structure.description}."
             )
         self._check_finite(v)
 
@@ -55,7 +72,7 @@ class ParameterSpaceInterface:
         """
         if is_abstract(v):
             return
-        if not self._backend.all_finite(v):
+        if not self._layout.all_finite(v):
             raise ValueError(
                 "v contains NaN or infinite entries; a curvature product would turn them into "
                 "NaN everywhere. Clean the vector (e.g. replace non-finite entries) first."

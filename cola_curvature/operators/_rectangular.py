@@ -19,8 +19,9 @@ class RectangularInterface:
 
     ``A @ X`` takes ``(n,)`` or ``(n, k)`` and ``X @ A`` takes ``(m,)`` or ``(k, m)``, both
     checked for the backend's array type, dtype, device, shape and finite entries.
-    Parameter-shaped input (:meth:`~cola_curvature.backends.CurvatureBackend.is_param_format`)
-    goes to :meth:`_param_matmul`, which refuses it unless a subclass accepts it.
+    Parameter-shaped input (see
+    :meth:`~cola_curvature.parameter_layout.ParameterLayout.is_param_format`) goes to
+    :meth:`_param_matmul`, which refuses it unless a subclass accepts it.
     Subclasses implement ``_matmat`` and ``_rmatmat``; :meth:`to_scipy` exports both.
     """
 
@@ -30,7 +31,7 @@ class RectangularInterface:
         """Multiply by ``(n,)``, ``(n, k)``, a CoLA operator, or parameter-shaped input."""
         if isinstance(X, LinearOperator):
             return super().__matmul__(X)
-        if self._backend.is_param_format(X):
+        if self._backend.layout.is_param_format(X):
             return self._param_matmul(X)
         self._check_operand(X, axis=0)
         if X.ndim == 2 and X.shape[1] == 0:
@@ -59,7 +60,7 @@ class RectangularInterface:
 
     def _check_operand(self, X: Any, axis: int) -> None:
         """Raise unless ``X`` is a finite backend array whose ``axis`` fits the operator."""
-        self._backend.check_array(X)
+        self._backend.layout.check_array(X)
         size = self.shape[1] if axis == 0 else self.shape[0]
         if X.ndim not in (1, 2) or X.shape[axis] != size:
             expected = f"({size}, k)" if axis == 0 else f"(k, {size})"
@@ -68,7 +69,7 @@ class RectangularInterface:
                 f"{type(self).__name__} has shape {tuple(self.shape)}, so {side} needs v of "
                 f"shape ({size},) or {expected}; got {tuple(X.shape)}."
             )
-        if not is_abstract(X) and not self._backend.all_finite(X):
+        if not is_abstract(X) and not self._backend.layout.all_finite(X):
             raise ValueError(
                 "v contains NaN or infinite entries; a product would turn them into NaN "
                 "everywhere. Clean the vector (e.g. replace non-finite entries) first."

@@ -108,8 +108,8 @@ class GradientMoments(CurvatureOperator):
         """Whether ``ḡ ḡᵀ`` is subtracted."""
         return self._mean_gradient is not None
 
-    def _compute_mean_gradient(self) -> Array:
-        """Return ``ḡ = (1/N) Σ_n g_n``, flat ``(D,)``: one gradient per batch."""
+    def _compute_mean_gradient(self) -> list[Array]:
+        """Return ``ḡ = (1/N) Σ_n g_n`` per parameter: one gradient per batch."""
         backend = self._backend
         risk = MeanExampleLoss(self._loss, self.num_data)
         total = None
@@ -121,17 +121,26 @@ class GradientMoments(CurvatureOperator):
                     if total is None
                     else [t + g for t, g in zip(total, gradient, strict=True)]
                 )
-        return self._data.combine(backend.flatten([t[None] for t in total]))[:, 0]
+        layout = self._layout  # one all_reduce for all parameters
+        return [
+            c[0]
+            for c in layout.unflatten(self._data.combine(layout.flatten([t[None] for t in total])))
+        ]
 
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``(ρ² / N) Σ_n J_nᵀ d_n d_nᵀ J_n V`` on one batch."""
         output_matmat = GradientMomentOutputMatmat(self._loss, self.num_data)
         return self._backend.gauss_newton_matmat(columns, batch, output_matmat, rng)
 
-    def _matmat(self, X: Array) -> Array:
-        """Return ``M X``, minus ``ḡ (ḡᵀ X)`` when centred."""
-        moments = super()._matmat(X)
+    def _matmat_columns(self, columns: list[Array]) -> list[Array]:
+        """Return ``M V``, minus ``ḡ (ḡᵀ V)`` when centred, per parameter."""
+        moments = super()._matmat_columns(columns)
         if self._mean_gradient is None:
             return moments
-        g = self._mean_gradient
-        return moments - g[:, None] * (g @ X)[None, :]
+        k = columns[0].shape[0]
+        pairs = list(zip(self._mean_gradient, columns, strict=True))
+        projections = sum((g.reshape(1, -1) * c.reshape(k, -1)).sum(1) for g, c in pairs)
+        return [
+            m - projections.reshape((k,) + (1,) * g.ndim) * g[None]
+            for m, g in zip(moments, self._mean_gradient, strict=True)
+        ]

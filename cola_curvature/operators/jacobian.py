@@ -60,11 +60,15 @@ class OutputJacobian:
         #: Number ``C`` of output entries per example.
         self.num_outputs = math.prod(self.output_shape)
         self.shape = (self.data.num_data * self.num_outputs, self.backend.num_params)
+        self.layout = self.backend.layout
 
     def matmat(self, X: Array) -> Array:
         """Return ``J X`` for ``X`` of shape ``(D, k)``: one forward-mode product per batch."""
+        return self.matmat_columns(self.layout.unflatten(X))
+
+    def matmat_columns(self, columns: list[Array]) -> Array:
+        """Return ``J V`` of shape ``(N · C, k)`` for per-parameter columns ``V``."""
         backend = self.backend
-        columns = backend.unflatten(X)
         blocks = []
         with backend.preserved_state():
             for inputs, _ in self.data.batches("J @ V"):
@@ -77,7 +81,8 @@ class OutputJacobian:
                         "length)."
                     )
                 blocks.append(jv)
-        return backend.flatten(blocks)  # (k, B, *f_n) per batch → rows n · C + c
+        # (k, B, *f_n) per batch → rows n · C + c
+        return self.layout.xnp.concat([b.reshape(b.shape[0], -1) for b in blocks], axis=1).T
 
     def transpose_matmat(self, U: Array) -> Array:
         """Return ``Jᵀ U`` for ``U`` of shape ``(N · C, k)``: one reverse-mode product per batch.
@@ -98,7 +103,7 @@ class OutputJacobian:
                     if total is None
                     else [t + c for t, c in zip(total, contribution, strict=True)]
                 )
-        return backend.flatten(total)
+        return self.layout.flatten(total)
 
     def check_deterministic(self) -> None:
         """Raise ``RuntimeError`` when data, model outputs or ``J v`` are not reproducible.
@@ -109,7 +114,7 @@ class OutputJacobian:
 
         """
         backend = self.backend
-        probe = backend.random(0).normal((self.shape[1], 1), backend.parameter_vector())
+        probe = backend.random(0).normal((self.shape[1], 1), self.layout.vector())
         first = self.matmat(probe)
         if is_abstract(first):
             raise ValueError(
@@ -118,7 +123,7 @@ class OutputJacobian:
                 "check_deterministic=False there."
             )
         self.data.check_reproducible()
-        if not backend.arrays_close(first, self.matmat(probe)):
+        if not self.layout.arrays_close(first, self.matmat(probe)):
             raise RuntimeError(f"Two products with the same vector differ. {NONDETERMINISM_CAUSES}")
 
 
@@ -217,9 +222,14 @@ class Jacobian(_JacobianOperator):
 
     def _param_matmul(self, X: Any) -> Array:
         """Return ``J v`` of shape ``(N · C,)`` for ``v`` shaped like ``params``."""
-        matrix = self._backend.as_param_matrix(X)
-        self._check_operand(matrix, axis=0)
-        return self._matmat(matrix)[:, 0]
+        layout = self._backend.layout
+        columns = layout.columns_of(X)
+        if not all(is_abstract(c) or layout.all_finite(c) for c in columns):
+            raise ValueError(
+                "v contains NaN or infinite entries; a product would turn them into NaN "
+                "everywhere. Clean the vector (e.g. replace non-finite entries) first."
+            )
+        return self._jacobian.matmat_columns(columns)[:, 0]
 
     @property
     def T(self) -> JacobianTranspose:

@@ -327,11 +327,11 @@ class KFAC(ParameterKroneckerFactored):
         """Return the positions in ``params`` (flat order) that no supported layer owns."""
         covered = {layer.weight_index for layer in self.layers}
         covered |= {layer.bias_index for layer in self.layers}
-        return [i for i in range(len(self._backend.param_sizes)) if i not in covered]
+        return [i for i in range(len(self._backend.layout.sizes)) if i not in covered]
 
     def _check_uncovered(self, missing: list[int]) -> None:
         """Raise, before anything is built, unless ``uncovered`` can cover ``missing``."""
-        names, sizes = self._backend.param_names, self._backend.param_sizes
+        names, sizes = self._backend.layout.names, self._backend.layout.sizes
         if self.uncovered is Uncovered.ERROR:
             reasons = getattr(self._backend, "uncovered_reasons", {})
             listed = ", ".join(
@@ -390,8 +390,7 @@ class KFAC(ParameterKroneckerFactored):
 
     def _permutation(self, missing: list[int], blocks: Sequence[Any]) -> Array:
         """Return the user-order position of every block-order coordinate."""
-        sizes = self._backend.param_sizes
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        sizes, offsets = self._backend.layout.sizes, self._backend.layout.offsets
         parts = []
         for layer in self.layers:
             positions = block_permutation(layer, offsets)

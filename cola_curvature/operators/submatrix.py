@@ -80,7 +80,7 @@ class Submatrix(RectangularInterface, LinearOperator):
                 f"cc.KFAC, ... or their sums), got {type(operator).__name__}."
             )
         backend = operator._backend
-        sizes = backend.param_sizes
+        sizes = backend.layout.sizes
         _, parameters = backend.parameter_subset(range(len(sizes)))
         self._operator = operator
         self._backend = backend
@@ -141,7 +141,7 @@ class Submatrix(RectangularInterface, LinearOperator):
                 f"shapes {shapes}."
             )
         for t in X:
-            self._backend.check_array(t)
+            self._backend.layout.check_array(t)
         matrix = self.xnp.concat([t.reshape(-1, 1) for t in X], axis=0)
         self._check_operand(matrix, axis=0)
         product, start, result = self._matmat(matrix), 0, []

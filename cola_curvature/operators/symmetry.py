@@ -136,7 +136,7 @@ class SymmetryCurvature(ParameterKroneckerFactored):
         data: A re-iterable of ``(X, y)`` batches.
         groups: One group for every parameter separately (``"orthogonal-rows"``,
             ``"orthogonal-cols"``, ``"orthogonal-both"``, ``"permutation-rows"``), or a
-            dict from a parameter name (``backend.param_names``: ``"0.weight"`` for torch,
+            dict from a parameter name (``backend.layout.names``: ``"0.weight"`` for torch,
             ``"['w1']"`` for a JAX dict) or a tuple of names sharing their rows to a group;
             ``cc.Transposed(name)`` in a tuple contributes that parameter's columns.
         ema: ``None`` (full-data gradient) or ``β ∈ [0, 1)`` (moving average over batches).
@@ -178,7 +178,7 @@ class SymmetryCurvature(ParameterKroneckerFactored):
             data.check_reproducible()
         self.num_data = data.num_data
         self.ema = ema
-        self.parts = _partition(self._backend.param_names, groups)
+        self.parts = _partition(self._backend.layout.names, groups)
         statistics, shapes = self._statistics(data)
         blocks = [
             averaged_block(group, stats, shape)
@@ -224,7 +224,7 @@ class SymmetryCurvature(ParameterKroneckerFactored):
             first = weighted[0][1]
             check_rows(
                 [_rows_first(first[i], t).shape[0] for i, t in members],
-                [backend.param_names[i] for i, _ in members],
+                [backend.layout.names[i] for i, _ in members],
             )
             summed = None
             for weight, gradient in weighted:
@@ -240,8 +240,7 @@ class SymmetryCurvature(ParameterKroneckerFactored):
     def _permutation(self, reference: Any) -> Array:
         """Return the user-order position of every block-order coordinate (row-major blocks)."""
         xnp, device = reference.xnp, reference.device
-        sizes = self._backend.param_sizes
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        sizes, offsets = self._backend.layout.sizes, self._backend.layout.offsets
         parts = []
         for members, _ in self.parts:
             grids = [

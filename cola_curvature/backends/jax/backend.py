@@ -15,6 +15,7 @@ from cola_curvature._checks import check_array_library
 from cola_curvature._tracing import is_traced
 from cola_curvature.backends._protocol import require_loss
 from cola_curvature.backends.jax import kfac, products
+from cola_curvature.backends.jax.layout import ARRAYS, pytree_layout
 from cola_curvature.backends.jax.state import JaxExampleRandom, JaxRandom
 from cola_curvature.kfac_statistics.shared_weights import use_layers
 from cola_curvature.losses import SUPPORTED_LOSSES, Loss
@@ -63,11 +64,6 @@ def _check_leaves(params: PyTree) -> tuple[list[str], list[Array], Any]:
     return names, leaves, treedef
 
 
-def _arrays(obj: Any) -> list[Array]:
-    """Return the array leaves of a nested batch structure."""
-    return [x for x in jax.tree_util.tree_leaves(obj) if isinstance(x, (jax.Array, np.ndarray))]
-
-
 # The compiled products, shared by every backend: ``model_fn`` (and the loss, the output-space
 # matrix, the risk) are static arguments, hashed by identity, so operators rebuilt on the same
 # model_fn (a new GGN or KFAC every training step) reuse one compiled program per batch shape
@@ -112,12 +108,13 @@ class JaxBackend:
         self._names, leaves, self._treedef = _check_leaves(params)
         self._model_fn = model
         self._params = self._treedef.unflatten(leaves)
-        self._shapes = [tuple(leaf.shape) for leaf in leaves]
-        self._sizes = [leaf.size for leaf in leaves]
-        self.dtype = leaves[0].dtype
         # traced leaves (inside jit) have no device: JAX places by the computation's sharding
-        self.device = None if is_traced(leaves[0]) else next(iter(leaves[0].devices()))
-        self.num_params = sum(self._sizes)
+        device = None if is_traced(leaves[0]) else next(iter(leaves[0].devices()))
+        #: The parameters' flat (``ravel_pytree``) order, shapes and user-facing format.
+        self.layout = pytree_layout(self._names, leaves, self._treedef, device)
+        self.dtype = self.layout.dtype
+        self.device = device
+        self.num_params = self.layout.num_params
         self._forward = partial(_forward, model)
         self._gauss_newton = partial(_gauss_newton, model)
         self._hessian = partial(_hessian, model)
@@ -162,37 +159,12 @@ class JaxBackend:
         )
         return self._treedef.flatten_up_to(result)
 
-    def check_process_group(self) -> None:
+    def process_group(self) -> None:
         """Raise: ``distributed=True`` is for ``torch.distributed``; JAX shards over devices."""
         raise NotImplementedError(
             "distributed=True combines torch.distributed ranks; for JAX, shard each batch over "
             "a device mesh instead (jax.device_put(batch, NamedSharding(mesh, P('data')))): "
             "the jit-compiled products then run data-parallel and sum over the devices."
-        )
-
-    def gather_counts(self, count: int) -> list[int]:
-        """Raise (see :meth:`check_process_group`)."""
-        self.check_process_group()
-        return [count]
-
-    def process_rank(self) -> int:
-        """Raise (see :meth:`check_process_group`)."""
-        self.check_process_group()
-        return 0
-
-    def check_same_parameters(self) -> None:
-        """Raise (see :meth:`check_process_group`)."""
-        self.check_process_group()
-
-    def sum_over_processes(self, partial: Array) -> Array:
-        """Raise (see :meth:`check_process_group`)."""
-        self.check_process_group()
-        return partial
-
-    def parameter_vector(self) -> Array:
-        """Return the parameters as one flat array, in ``ravel_pytree`` order."""
-        return jnp.concatenate(
-            [leaf.reshape(-1) for leaf in self._treedef.flatten_up_to(self._params)]
         )
 
     def output_jacobian(self, inputs: Any) -> tuple[Array, Array]:
@@ -324,62 +296,6 @@ class JaxBackend:
 
         return subset_model, [leaves[i] for i in indices]
 
-    @property
-    def param_names(self) -> list[str]:
-        """Return the key path of each leaf (e.g. ``"['dense']['w']"``), in flat order."""
-        return list(self._names)
-
-    @property
-    def param_sizes(self) -> list[int]:
-        """Return the number of entries of each leaf, in flat order."""
-        return list(self._sizes)
-
-    def flatten(self, columns: Sequence[Array]) -> Array:
-        """Stack per-leaf columns ``(k, *leaf.shape)`` into a ``(D, k)`` matrix."""
-        return jnp.concatenate([c.reshape(c.shape[0], -1) for c in columns], axis=1).T
-
-    def unflatten(self, matrix: Array) -> list[Array]:
-        """Split a ``(D, k)`` matrix into per-leaf columns ``(k, *leaf.shape)``."""
-        blocks = jnp.split(matrix.T, np.cumsum(self._sizes)[:-1], axis=1)
-        return [b.reshape((matrix.shape[1], *s)) for b, s in zip(blocks, self._shapes, strict=True)]
-
-    def is_param_format(self, v: Any) -> bool:
-        """Return whether ``v`` is parameter-shaped input: any pytree that is not an array."""
-        return not hasattr(v, "shape")
-
-    def as_param_matrix(self, tree: PyTree) -> Array:
-        """Turn a pytree shaped like ``params`` into a ``(D, 1)`` matrix."""
-        leaves, treedef = jax.tree_util.tree_flatten(tree)
-        shapes = [tuple(getattr(leaf, "shape", ())) for leaf in leaves]
-        if treedef != self._treedef or shapes != self._shapes:
-            raise ValueError(
-                f"parameter-shaped input must be a pytree with the structure {self._treedef} "
-                f"and leaf shapes {self._shapes}, got {treedef} with leaf shapes {shapes}."
-            )
-        for leaf in leaves:
-            self.check_array(leaf)
-        return self.flatten([leaf[None] for leaf in leaves])
-
-    def as_param_format(self, matrix: Array) -> PyTree:
-        """Turn a ``(D, 1)`` matrix into a pytree shaped like ``params``."""
-        return self._treedef.unflatten([c[0] for c in self.unflatten(matrix)])
-
-    #: How parameter-shaped input looks to the user, for error messages.
-    param_format = "a pytree shaped like params"
-
-    def check_array(self, v: Any) -> None:
-        """Raise unless ``v`` is a JAX array of the parameters' dtype."""
-        if not isinstance(v, jax.Array):
-            raise TypeError(
-                f"expected a jax.Array, got {type(v).__module__}.{type(v).__name__}; convert "
-                "it with jnp.asarray(...)."
-            )
-        if v.dtype != self.dtype:
-            raise ValueError(
-                f"expected an array with dtype {self.dtype} like the parameters, got dtype "
-                f"{v.dtype}; convert it with v.astype(jnp.{self.dtype})."
-            )
-
     def batch_size(self, inputs: Any) -> int:
         """Return ``inputs.shape[0]``; other inputs need a ``batch_size_fn``."""
         if not isinstance(inputs, (jax.Array, np.ndarray)):
@@ -402,10 +318,12 @@ class JaxBackend:
             "a JAX model",
             "JAX or NumPy arrays: convert each with jnp.asarray(np.asarray(x))",
         )
-        for x in _arrays(batch):
+        for x in jax.tree_util.tree_leaves(batch):
+            if not isinstance(x, (jax.Array, np.ndarray)):
+                continue
             if is_traced(x) or not jnp.issubdtype(x.dtype, jnp.inexact):
                 continue
-            if not self.all_finite(x):
+            if not ARRAYS.all_finite(x):
                 raise ValueError(
                     "data contains NaN or infinite values; clean or impute them before "
                     "building a curvature operator."
@@ -424,27 +342,6 @@ class JaxBackend:
             raise TypeError(
                 f"model_fn(params, X) must return one floating-point array, got {outputs}."
             )
-
-    def all_finite(self, x: Any) -> bool:
-        """Return whether a concrete array holds no NaN or infinite entry.
-
-        Evaluated eagerly, so a concrete array closed over inside ``jax.jit`` is checked too.
-        """
-        with jax.ensure_compile_time_eval():
-            return bool(jnp.isfinite(x).all())
-
-    def batches_equal(self, first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
-        """Return whether two batches hold identical arrays."""
-        a, b = _arrays(first), _arrays(second)
-        return len(a) == len(b) and all(
-            x.shape == y.shape and bool(jnp.array_equal(x, y)) for x, y in zip(a, b, strict=True)
-        )
-
-    def arrays_close(self, first: Array, second: Array) -> bool:
-        """Return whether two arrays agree to a tolerance scaled to the dtype's precision."""
-        rtol = 1e3 * float(jnp.finfo(first.dtype).eps)
-        atol = rtol * float(jnp.abs(second).max())
-        return bool(jnp.allclose(first, second, rtol=rtol, atol=atol))
 
     def preserved_state(self) -> AbstractContextManager[None]:
         """Return a no-op context: JAX has no global RNG or buffers a product could change."""

@@ -13,7 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cola_curvature._checks import check_array_library
 from cola_curvature.backends._protocol import require_loss
-from cola_curvature.backends.torch import distributed, kfac, per_example, products
+from cola_curvature.backends.torch import kfac, per_example, products
+from cola_curvature.backends.torch.distributed import TorchProcessGroup
+from cola_curvature.backends.torch.layout import TENSORS, tensor_layout
 from cola_curvature.backends.torch.losses import as_loss
 from cola_curvature.backends.torch.state import (
     TorchExampleRandom,
@@ -93,12 +95,6 @@ def _parameters_restored(model: nn.Module) -> Iterator[None]:
                     module._parameters[name] = parameter
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """Return the tensors inside a nested batch structure."""
-    leaves, _ = torch.utils._pytree.tree_flatten(obj)
-    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-
 class TorchBackend:
     """Products of a torch model's Jacobian and Hessian w.r.t. a subset of its parameters.
 
@@ -118,11 +114,11 @@ class TorchBackend:
         self._model = model
         self._names = _parameter_names(model, params)
         self._params = list(params)
-        self._shapes = [tuple(p.shape) for p in params]
-        self._sizes = [p.numel() for p in params]
-        self.dtype = params[0].dtype
-        self.device = params[0].device
-        self.num_params = sum(self._sizes)
+        #: The parameters' flat order, shapes and user-facing format.
+        self.layout = tensor_layout(self._names, self._params)
+        self.dtype = self.layout.dtype
+        self.device = self.layout.device
+        self.num_params = self.layout.num_params
         #: What earlier products learnt about the model's autodiff (forward mode missing).
         self._routes = products.ProductRoutes()
         #: Why KFAC leaves a parameter uncovered, by position in ``params`` (tied weights, ...).
@@ -191,29 +187,9 @@ class TorchBackend:
         )
         return self.loss.scale(outputs, num_data) * (gradients**2).sum((0, 1))
 
-    def check_process_group(self) -> None:
-        """Raise unless ``torch.distributed`` is initialised."""
-        distributed.check_process_group()
-
-    def gather_counts(self, count: int) -> list[int]:
-        """Return every rank's ``count``."""
-        return distributed.gather_counts(count)
-
-    def process_rank(self) -> int:
-        """Return this process's ``torch.distributed`` rank."""
-        return distributed.process_rank()
-
-    def check_same_parameters(self) -> None:
-        """Raise on every rank when the ranks' parameter values differ."""
-        distributed.check_same_parameters(self.parameter_vector())
-
-    def sum_over_processes(self, partial: torch.Tensor) -> torch.Tensor:
-        """Return ``partial`` summed over the ranks (``all_reduce``)."""
-        return distributed.sum_over_processes(partial)
-
-    def parameter_vector(self) -> torch.Tensor:
-        """Return the parameters' current values, flat and detached."""
-        return torch.cat([p.detach().reshape(-1) for p in self._params])
+    def process_group(self) -> TorchProcessGroup:
+        """Return the default ``torch.distributed`` group; ``RuntimeError`` unless initialised."""
+        return TorchProcessGroup.check()
 
     def value_and_grad(
         self, fn: Callable[..., torch.Tensor], variables: Sequence[torch.Tensor]
@@ -349,68 +325,6 @@ class TorchBackend:
         )
         return shared_weights.layer_eigencorrections(signals, layers, bases)
 
-    @property
-    def param_names(self) -> list[str]:
-        """Return the module names of ``params`` (e.g. ``"0.weight"``), in ``params`` order."""
-        return list(self._names)
-
-    @property
-    def param_sizes(self) -> list[int]:
-        """Return the number of entries of each parameter, in ``params`` order."""
-        return list(self._sizes)
-
-    def flatten(self, columns: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Stack per-parameter columns ``(k, *p.shape)`` into a ``(D, k)`` matrix."""
-        return torch.cat([c.reshape(c.shape[0], -1) for c in columns], dim=1).T
-
-    def unflatten(self, matrix: torch.Tensor) -> list[torch.Tensor]:
-        """Split a ``(D, k)`` matrix into per-parameter columns ``(k, *p.shape)``.
-
-        A tensor made under ``torch.inference_mode()`` is cloned: autodiff cannot use it.
-        """
-        if matrix.is_inference():
-            with torch.inference_mode(False):
-                matrix = matrix.clone()
-        blocks = matrix.T.split(self._sizes, dim=1)
-        return [b.reshape((matrix.shape[1], *s)) for b, s in zip(blocks, self._shapes, strict=True)]
-
-    def is_param_format(self, v: Any) -> bool:
-        """Return whether ``v`` is a list or tuple of tensors (parameter-shaped input)."""
-        return isinstance(v, (list, tuple))
-
-    def as_param_matrix(self, tensors: Sequence[Any]) -> torch.Tensor:
-        """Turn a list of tensors shaped like ``params`` into a ``(D, 1)`` matrix."""
-        shapes = [tuple(getattr(t, "shape", ())) for t in tensors]
-        if len(tensors) != len(self._shapes) or shapes != self._shapes:
-            raise ValueError(
-                f"parameter-shaped input must be {len(self._shapes)} tensors of shapes "
-                f"{self._shapes}, got {len(tensors)} of shapes {shapes}."
-            )
-        for t in tensors:
-            self.check_array(t)
-        return self.flatten([t[None] for t in tensors])
-
-    def as_param_format(self, matrix: torch.Tensor) -> list[torch.Tensor]:
-        """Turn a ``(D, 1)`` matrix into a list of tensors shaped like ``params``."""
-        return [c[0] for c in self.unflatten(matrix)]
-
-    #: How parameter-shaped input looks to the user, for error messages.
-    param_format = "a list of tensors shaped like params"
-
-    def check_array(self, v: Any) -> None:
-        """Raise unless ``v`` is a tensor of the parameters' dtype and device."""
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(
-                f"expected a torch.Tensor, got {type(v).__module__}.{type(v).__name__}; convert "
-                "it with torch.as_tensor(np.asarray(v))."
-            )
-        if v.dtype != self.dtype or v.device != self.device:
-            raise ValueError(
-                f"expected a tensor with dtype {self.dtype} on {self.device} like the "
-                f"parameters, got dtype {v.dtype} on {v.device}; convert it with "
-                f"v.to(dtype={self.dtype}, device='{self.device}')."
-            )
-
     def batch_size(self, inputs: Any) -> int:
         """Return ``inputs.shape[0]``; other inputs need a ``batch_size_fn``."""
         if not isinstance(inputs, torch.Tensor):
@@ -428,34 +342,20 @@ class TorchBackend:
             "a torch model",
             "tensors: convert each with torch.as_tensor(np.asarray(x))",
         )
-        for t in _tensors(batch):
+        for t in torch.utils._pytree.tree_leaves(batch):
+            if not isinstance(t, torch.Tensor):
+                continue
             if t.is_meta:
                 raise ValueError(
                     "data holds tensors on the meta device, which have shapes but no values; "
                     "materialise them on a real device (e.g. x.to_empty(device='cpu') and fill "
                     "them) before building a curvature operator."
                 )
-            if t.is_floating_point() and not self.all_finite(t):
+            if t.is_floating_point() and not TENSORS.all_finite(t):
                 raise ValueError(
                     "data contains NaN or infinite values; clean or impute them before "
                     "building a curvature operator."
                 )
-
-    def all_finite(self, x: torch.Tensor) -> bool:
-        """Return whether ``x`` holds no NaN or infinite entry."""
-        return bool(torch.isfinite(x).all())
-
-    def batches_equal(self, first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
-        """Return whether two batches hold identical tensors."""
-        a, b = _tensors(first), _tensors(second)
-        return len(a) == len(b) and all(
-            x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True)
-        )
-
-    def arrays_close(self, first: torch.Tensor, second: torch.Tensor) -> bool:
-        """Return whether two arrays agree to a tolerance scaled to the dtype's precision."""
-        rtol = 1e3 * torch.finfo(first.dtype).eps
-        return bool(torch.allclose(first, second, rtol=rtol, atol=rtol * second.abs().max()))
 
     def preserved_state(self) -> AbstractContextManager[None]:
         """Context restoring the global RNG states on exit (see :func:`preserved_global_state`)."""
