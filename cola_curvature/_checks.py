@@ -6,6 +6,8 @@ import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from cola_curvature._tracing import is_abstract
+
 
 def check_data(data: Any) -> None:
     """Raise ``TypeError`` unless ``data`` can be iterated over more than once."""
@@ -69,14 +71,59 @@ def _checked_batch_size(size: Any, targets: Any, index: int) -> int:
     return size
 
 
-def count_examples(data: Iterable[Any], batch_size_fn: Callable[[Any], int], backend: Any) -> int:
-    """Return the number of examples in ``data`` after checking every batch once.
+NONDETERMINISM_CAUSES = (
+    "Likely causes: dropout or other randomness in train mode (call model.eval()), "
+    "batch norm in train mode, data augmentation, or a DataLoader with shuffling "
+    "(use shuffle=False). Pass check_deterministic=False to skip this check."
+)
+
+TRACED = (
+    "check_deterministic compares two passes over data (and two products) by value, which "
+    "cannot be done on traced parameters or data (inside jax.jit or jax.vmap). Pass "
+    "check_deterministic=False there, and check once outside the transformation with "
+    "concrete values if needed."
+)
+
+
+def batches_equal(first: Any, second: Any) -> bool:
+    """Return whether two batches hold the same arrays (any framework), entry for entry."""
+    a, b = list(array_leaves(first)), list(array_leaves(second))
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if tuple(x.shape) != tuple(y.shape):
+            return False
+        same = (x == y).all()
+        if is_abstract(same):  # inside jax.jit even concrete arrays compare to a tracer
+            raise ValueError(TRACED)
+        if not bool(same):
+            return False
+    return True
+
+
+def _check_twin(batch: Any, twin: Iterator[Any] | None) -> None:
+    """Raise ``RuntimeError`` unless the twin pass over the data yields the same batch."""
+    if twin is None:
+        return
+    if not batches_equal(batch, next(twin, None)):
+        raise RuntimeError(f"Two passes over data gave different batches. {NONDETERMINISM_CAUSES}")
+
+
+def checked_example_count(
+    data: Iterable[Any],
+    batch_size_fn: Callable[[Any], int],
+    backend: Any,
+    check_deterministic: bool = False,
+) -> int:
+    """Return the number of examples in ``data`` after checking every batch, in one pass.
 
     ``backend`` is the operator's curvature backend (its ``check_batch`` validates arrays).
-
     Each batch must be a pair ``(X, y)`` with array targets, without NaN or infinite
-    values, whose example count (``batch_size_fn(X)``) matches the targets' length.
+    values, whose example count (``batch_size_fn(X)``) matches the targets' length. With
+    ``check_deterministic`` a second iterator walks the data alongside, and any batch that
+    differs between the two raises ``RuntimeError`` (shuffling, augmentation).
     """
+    twin = iter(data) if check_deterministic else None
     counted = 0
     for index, batch in enumerate(data):
         inputs, targets = _unpack(batch, index)
@@ -87,6 +134,9 @@ def count_examples(data: Iterable[Any], batch_size_fn: Callable[[Any], int], bac
             )
         backend.check_batch((inputs, targets))
         counted += _checked_batch_size(batch_size_fn(inputs), targets, index)
+        _check_twin(batch, twin)
+    if twin is not None and next(twin, None) is not None:
+        raise RuntimeError(f"Two passes over data gave different batches. {NONDETERMINISM_CAUSES}")
     return counted
 
 

@@ -9,7 +9,6 @@ from typing import Any
 import cola
 
 from cola_curvature._tracing import is_traced
-from cola_curvature.backends import curvature_backend
 from cola_curvature.laplace_curvatures import (
     CURVATURES,
     CurvatureRequest,
@@ -35,6 +34,7 @@ from cola_curvature.laplace_subsets import index_array, select_parameters
 from cola_curvature.losses import MSE, Reduction
 from cola_curvature.matfree import SLQ
 from cola_curvature.operators._base import CurvatureOperator
+from cola_curvature.operators._bound import DataBound
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
@@ -46,7 +46,7 @@ Array = Any
 __all__ = ["CURVATURES", "Laplace"]
 
 
-class Laplace:
+class Laplace(DataBound):
     r"""Laplace posterior ``q(θ) = N(θ*, P⁻¹)`` around a MAP estimate ``θ*`` (MacKay, 1992).
 
     The posterior precision is ``P = H / (σ² T) + δ I`` where ``H`` is the GGN of the
@@ -134,11 +134,12 @@ class Laplace:
         subset_of_weights: str = "all",
         subnetwork: Any = None,
     ) -> None:
-        backend = curvature_backend(model, loss_func, params)
-        selection = select_parameters(backend, model, data, subset_of_weights, subnetwork)
+        self._bind(model, loss_func, params, data, distributed=distributed)
+        selection = select_parameters(self._backend, model, data, subset_of_weights, subnetwork)
         if selection.leaves is not None:
-            model, params = backend.parameter_subset(selection.leaves)
-            backend = curvature_backend(model, loss_func, params)
+            model, params = self._backend.parameter_subset(selection.leaves)
+            self._bind(model, loss_func, params, self._data)
+        backend = self._backend
         self.subset_of_weights = subset_of_weights
         loss = type(backend.loss)(Reduction.SUM)
         self.regression = isinstance(loss, MSE)
@@ -151,7 +152,6 @@ class Laplace:
         ]:
             if not all_positive(value):
                 raise ValueError(f"{name} must be positive, got {value}.")
-        self._backend = backend
         self._loss = loss
         self.params = params
         self.temperature = temperature
@@ -166,7 +166,7 @@ class Laplace:
             model,
             loss,
             params,
-            data,
+            self._data,
             # MSELoss('sum') is Σ (f - y)², twice the unit-variance Gaussian NLL
             nll_scale=0.5 if self.regression else 1.0,
             indices=self._indices,
@@ -190,7 +190,7 @@ class Laplace:
         )
         self._mean_squared_norm = (self._mean**2).sum()
         self._nll, self._num_outputs, self._input_shape = negative_log_likelihood(
-            backend, loss, data, distributed
+            backend, loss, self._data
         )
 
     @property

@@ -11,37 +11,37 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cola.ops import LinearOperator
 from tqdm import trange
 
 from cola_curvature.backends._protocol import CurvatureBackend
+from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators.kronecker import KroneckerFactored
 
 Array = Any
 
 
 def negative_log_likelihood(
-    backend: CurvatureBackend, loss: Any, data: Iterable[tuple[Any, Any]], distributed: bool
+    backend: CurvatureBackend, loss: Any, data: CurvatureData
 ) -> tuple[Array, int, tuple[int, ...]]:
     """Return ``Σ ℓ(f(x_n), y_n)`` at ``θ*``, the output count ``n`` and one input's shape.
 
     The sum is the loss's own; the shape is that of the last batch's inputs without the
-    batch axis. ``distributed``: ``data`` is this rank's shard; sum and count are global.
+    batch axis. Distributed data (a rank's shard): sum and count are over all ranks.
     """
     total, count, input_shape = 0, 0, ()
-    for inputs, targets in data:
+    for inputs, targets in data.batches("negative log-likelihood"):
         input_shape = tuple(getattr(inputs, "shape", ())[1:])
         outputs = backend.forward(inputs)
         loss.check_target(outputs, targets)
         total = total + loss.sum_value(outputs, targets)
         count += math.prod(outputs.shape)
-    if distributed:
-        group = backend.process_group()
-        total = group.sum(total)
-        count = sum(group.gather_counts(count))
+    if data.process_group is not None:
+        total = data.combine(total)
+        count = sum(data.process_group.gather_counts(count))
     return total, count, input_shape
 
 

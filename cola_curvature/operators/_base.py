@@ -9,15 +9,15 @@ from typing import Any
 from cola.annotations import SelfAdjoint
 from cola.ops import LinearOperator
 
+from cola_curvature._checks import NONDETERMINISM_CAUSES
 from cola_curvature._tracing import is_abstract
-from cola_curvature.backends import CurvatureBackend, curvature_backend
-from cola_curvature.operators._data import NONDETERMINISM_CAUSES, CurvatureData
+from cola_curvature.operators._bound import DataBound
 from cola_curvature.operators._interface import ParameterSpaceInterface
 
 Array = Any
 
 
-class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
+class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
     """A ``(D, D)`` curvature matrix of the empirical risk ``L(θ) = R Σ_n ℓ(f_θ(x_n), y_n)``.
 
     Subclasses implement :meth:`_batch_matmat`, one batch's contribution to the product
@@ -41,7 +41,8 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
         num_data: Number of examples in ``data``; counted in one pass when ``None``.
         batch_size_fn: ``X -> int`` for inputs that are not a single array.
         check_deterministic: Verify at construction that data, model and products are
-            deterministic (two passes over the data, two products, identical results).
+            deterministic (a second pass over the data beside the counting pass, two
+            forward passes, two products; identical results).
             Needs values: pass ``False`` when building the operator inside ``jax.jit``.
         progressbar: Show a progress bar over batches during each product.
         distributed: ``data`` is this rank's shard of a data set split over an
@@ -66,19 +67,23 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
         progressbar: bool = False,
         distributed: bool = False,
     ) -> None:
-        backend = curvature_backend(model, loss_func, params)
-        self._backend: CurvatureBackend = backend
+        self._bind(
+            model,
+            loss_func,
+            params,
+            data,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            check_deterministic=check_deterministic,
+            progressbar=progressbar,
+            distributed=distributed,
+        )
+        backend = self._backend
         self._loss = backend.loss
-        self._data = CurvatureData(data, backend, num_data, batch_size_fn, progressbar, distributed)
         shape = (backend.num_params, backend.num_params)
         super().__init__(backend.dtype, shape, annotations={self.annotation})
         if check_deterministic:
             self._check_deterministic()
-
-    @property
-    def num_data(self) -> int:
-        """Number of examples ``N`` the curvature is aggregated over."""
-        return self._data.num_data
 
     @abstractmethod
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
@@ -128,6 +133,5 @@ class CurvatureOperator(ParameterSpaceInterface, LinearOperator):
                 "check_deterministic=False there, and check once outside the transformation "
                 "with concrete values if needed."
             )
-        self._data.check_reproducible()
         if not self._layout.arrays_close(first, self._matmat(probe)):
             raise RuntimeError(f"Two products with the same vector differ. {NONDETERMINISM_CAUSES}")

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from tqdm import tqdm
 
-from cola_curvature._checks import array_leaves, check_data, count_examples, resolve_num_data
+from cola_curvature._checks import (
+    NONDETERMINISM_CAUSES,
+    TRACED,
+    check_data,
+    checked_example_count,
+    resolve_num_data,
+)
+from cola_curvature._tracing import is_abstract
 from cola_curvature.backends import CurvatureBackend
 from cola_curvature.backends._protocol import ProcessGroup
-
-NONDETERMINISM_CAUSES = (
-    "Likely causes: dropout or other randomness in train mode (call model.eval()), "
-    "batch norm in train mode, data augmentation, or a DataLoader with shuffling "
-    "(use shuffle=False). Pass check_deterministic=False to skip this check."
-)
-
-
-def batches_equal(first: Any, second: Any) -> bool:
-    """Return whether two batches hold the same arrays (any framework), entry for entry."""
-    a, b = list(array_leaves(first)), list(array_leaves(second))
-    return len(a) == len(b) and all(
-        tuple(x.shape) == tuple(y.shape) and bool((x == y).all()) for x, y in zip(a, b, strict=True)
-    )
 
 
 class CurvatureData:
@@ -47,6 +41,12 @@ class CurvatureData:
         batch_size_fn: ``X -> int``; the backend's default reads ``X.shape[0]``.
         progressbar: Show a tqdm bar when iterating.
         distributed: Whether ``data`` is one rank's shard (see above).
+        check_deterministic: Check, in the same pass that counts and validates the batches,
+            that a second pass gives the same batches, and that two forward passes on the
+            first batch agree (``RuntimeError`` otherwise).
+
+    Every batch is read once here (twice with ``check_deterministic``, side by side); an
+    operator built on another operator's data (:meth:`rebound`) reads nothing again.
     """
 
     def __init__(
@@ -57,6 +57,7 @@ class CurvatureData:
         batch_size_fn: Callable[[Any], int] | None,
         progressbar: bool,
         distributed: bool = False,
+        check_deterministic: bool = False,
     ) -> None:
         check_data(data)
         self.source = data
@@ -68,7 +69,7 @@ class CurvatureData:
         #: The ranks the results are summed over (``None`` unless ``distributed``).
         self.process_group: ProcessGroup | None = backend.process_group() if distributed else None
         with backend.preserved_state():
-            counted = count_examples(data, self._batch_size, backend)
+            counted = checked_example_count(data, self._batch_size, backend, check_deterministic)
         if self.process_group is not None:
             counts = self.process_group.gather_counts(counted)
             self._first_example = sum(counts[: self.process_group.rank()])
@@ -81,6 +82,9 @@ class CurvatureData:
             self.process_group.check_same_parameters(backend.layout.vector())
             counted = sum(counts)
         self.num_data = resolve_num_data(counted, num_data)
+        if check_deterministic:
+            with backend.preserved_state():
+                self._check_outputs()
 
     def combine(self, partial: Any) -> Any:
         """Return ``partial`` summed over the ranks (itself unless ``distributed``)."""
@@ -106,18 +110,24 @@ class CurvatureData:
             yield batch, rng
             first_example += self._batch_size(batch[0])
 
-    def check_reproducible(self) -> None:
-        """Raise ``RuntimeError`` unless two passes give the same batches and model outputs."""
+    def rebound(self, backend: CurvatureBackend) -> CurvatureData:
+        """Return the same counted and checked batches, run through ``backend``.
+
+        For an operator on a subset of the parameters, or with another loss, over the same
+        data (KFAC's uncovered block, a Laplace curvature): nothing is read again.
+        """
+        data = copy.copy(self)
+        data._backend = backend
+        return data
+
+    def _check_outputs(self) -> None:
+        """Raise ``RuntimeError`` unless two forward passes on the first batch agree."""
         backend = self._backend
-        with backend.preserved_state():
-            for first, second in zip(self.source, self.source, strict=False):
-                if not batches_equal(first, second):
-                    raise RuntimeError(
-                        f"Two passes over data gave different batches. {NONDETERMINISM_CAUSES}"
-                    )
-            inputs = next(iter(self.source))[0]
-            outputs = backend.forward(inputs)
-            if not backend.layout.arrays_close(outputs, backend.forward(inputs)):
-                raise RuntimeError(
-                    f"Two forward passes gave different outputs. {NONDETERMINISM_CAUSES}"
-                )
+        inputs = next(iter(self.source))[0]
+        outputs = backend.forward(inputs)
+        if is_abstract(outputs):
+            raise ValueError(TRACED)
+        if not backend.layout.arrays_close(outputs, backend.forward(inputs)):
+            raise RuntimeError(
+                f"Two forward passes gave different outputs. {NONDETERMINISM_CAUSES}"
+            )

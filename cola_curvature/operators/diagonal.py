@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cola_curvature._checks import check_mc_samples
-from cola_curvature.backends import curvature_backend
-from cola_curvature.operators._data import CurvatureData
+from cola_curvature.operators._bound import DataBound
 from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerFactored
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
 from cola_curvature.options import FisherType, parse_option
@@ -14,7 +13,7 @@ from cola_curvature.options import FisherType, parse_option
 Array = Any
 
 
-class DiagonalCurvature(ParameterKroneckerFactored):
+class DiagonalCurvature(DataBound, ParameterKroneckerFactored):
     r"""The exact diagonal ``diag(C)`` of a curvature ``C = R Σ_n J_nᵀ M_n J_n``.
 
     ``diag(C)_i = R Σ_{n,c} (J_nᵀ u_{n,c})_i²`` with the output cotangents of
@@ -66,11 +65,18 @@ class DiagonalCurvature(ParameterKroneckerFactored):
                 "or 'empirical'."
             )
         check_mc_samples(mc_samples)
-        self._backend = curvature_backend(model, loss_func, params)
-        data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar, distributed)
-        if check_deterministic:
-            data.check_reproducible()
-        self.num_data = data.num_data
+        self._bind(
+            model,
+            loss_func,
+            params,
+            data,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            check_deterministic=check_deterministic,
+            progressbar=progressbar,
+            distributed=distributed,
+        )
+        data = self._data
         total = 0
         with self._backend.preserved_state():
             for batch, rng in data.sampled_batches("curvature diagonal", seed):

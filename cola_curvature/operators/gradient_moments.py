@@ -80,7 +80,8 @@ class GradientMoments(CurvatureOperator):
         *args: As :class:`~cola_curvature.operators._base.CurvatureOperator`.
         centered: Subtract the outer product of the mean gradient ``ḡ``.
         check_deterministic: As
-            :class:`~cola_curvature.operators._base.CurvatureOperator` (run after ``ḡ``).
+            :class:`~cola_curvature.operators._base.CurvatureOperator` (the products
+            compared are those of the uncentred moments).
         **kwargs: As :class:`~cola_curvature.operators._base.CurvatureOperator`.
 
     """
@@ -97,11 +98,9 @@ class GradientMoments(CurvatureOperator):
         if not isinstance(centered, bool):
             raise TypeError(f"centered must be True or False, got {centered!r}.")
         self._mean_gradient = None
-        super().__init__(*args, check_deterministic=False, **kwargs)
+        super().__init__(*args, check_deterministic=check_deterministic, **kwargs)
         if centered:
             self._mean_gradient = self._compute_mean_gradient()
-        if check_deterministic:
-            self._check_deterministic()
 
     @property
     def centered(self) -> bool:

@@ -8,9 +8,10 @@ from typing import Any
 
 from cola.ops import LinearOperator
 
+from cola_curvature._checks import NONDETERMINISM_CAUSES
 from cola_curvature._tracing import is_abstract
 from cola_curvature.backends import CurvatureBackend, curvature_backend
-from cola_curvature.operators._data import NONDETERMINISM_CAUSES, CurvatureData
+from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators._rectangular import RectangularInterface
 
 Array = Any
@@ -32,6 +33,8 @@ class OutputJacobian:
             so it must equal the count).
         batch_size_fn: ``X -> int`` for inputs that are not a single array.
         progressbar: Show a progress bar over batches during each product.
+        check_deterministic: Check the data and the forward pass while counting
+            (:class:`CurvatureData`); :meth:`check_deterministic` compares two products.
 
     """
 
@@ -43,9 +46,12 @@ class OutputJacobian:
         num_data: int | None,
         batch_size_fn: Callable[[Any], int] | None,
         progressbar: bool,
+        check_deterministic: bool,
     ) -> None:
         self.backend: CurvatureBackend = curvature_backend(model, None, params)
-        self.data = CurvatureData(data, self.backend, None, batch_size_fn, progressbar)
+        self.data = CurvatureData(
+            data, self.backend, None, batch_size_fn, progressbar, False, check_deterministic
+        )
         if num_data is not None and num_data != self.data.num_data:
             raise ValueError(
                 f"num_data={num_data} but data holds {self.data.num_data} examples; the "
@@ -106,7 +112,7 @@ class OutputJacobian:
         return self.layout.flatten(total)
 
     def check_deterministic(self) -> None:
-        """Raise ``RuntimeError`` when data, model outputs or ``J v`` are not reproducible.
+        """Raise ``RuntimeError`` when two products ``J v`` with the same ``v`` differ.
 
         Raises:
             ValueError: inside ``jax.jit`` (or another transformation without values),
@@ -122,7 +128,6 @@ class OutputJacobian:
                 "do on traced parameters or data (inside jax.jit or jax.vmap). Pass "
                 "check_deterministic=False there."
             )
-        self.data.check_reproducible()
         if not self.layout.arrays_close(first, self.matmat(probe)):
             raise RuntimeError(f"Two products with the same vector differ. {NONDETERMINISM_CAUSES}")
 
@@ -141,7 +146,9 @@ class _JacobianOperator(RectangularInterface, LinearOperator):
         check_deterministic: bool = True,
         progressbar: bool = False,
     ) -> None:
-        jacobian = OutputJacobian(model, params, data, num_data, batch_size_fn, progressbar)
+        jacobian = OutputJacobian(
+            model, params, data, num_data, batch_size_fn, progressbar, check_deterministic
+        )
         self._adopt(jacobian)
         if check_deterministic:
             jacobian.check_deterministic()

@@ -9,13 +9,14 @@ import numpy as np
 from cola.backends import get_library_fns
 
 from cola_curvature._checks import check_mc_samples
-from cola_curvature.backends import CurvatureBackend, curvature_backend
+from cola_curvature.backends import CurvatureBackend
 from cola_curvature.kfac_statistics.shared_weights import (
     SharedWeightLayer,
     nearest_kronecker,
     oriented_factors,
     use_layers,
 )
+from cola_curvature.operators._bound import DataBound
 from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators.diagonal import DiagonalCurvature
 from cola_curvature.operators.empirical_fisher import EmpiricalFisher
@@ -116,7 +117,7 @@ def block_permutation(layer: Any, offsets: Sequence[int]) -> np.ndarray:
     return np.concatenate(columns, axis=1).reshape(-1)
 
 
-class KFAC(ParameterKroneckerFactored):
+class KFAC(DataBound, ParameterKroneckerFactored):
     r"""KFAC: per layer ``C_l ≈ G_l ⊗ A_l`` (Martens & Grosse, 2015; Grosse & Martens, 2016).
 
     For a ``Linear`` or ``Conv2d`` layer ``s = W ã`` with augmented input ``ã = [a, 1]``
@@ -244,12 +245,18 @@ class KFAC(ParameterKroneckerFactored):
             )
         self.separate_weight_and_bias = separate_weight_and_bias
         check_mc_samples(mc_samples)
-        self._backend = curvature_backend(model, loss_func, params)
-        data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar, distributed)
-        if check_deterministic:
-            data.check_reproducible()
-        self.num_data = data.num_data
-        self._data = data
+        self._bind(
+            model,
+            loss_func,
+            params,
+            data,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            check_deterministic=check_deterministic,
+            progressbar=progressbar,
+            distributed=distributed,
+        )
+        data = self._data
         self._build_options = {"mc_samples": mc_samples, "seed": seed}
         self.layers = self._kronecker_layers(data.source)
         missing = self._uncovered_indices()
@@ -264,13 +271,7 @@ class KFAC(ParameterKroneckerFactored):
             for output_factor, input_factor in self._split(layer, *factors[layer.name])
         ]
         if missing:
-            subset_options = {
-                "num_data": data.num_data,
-                "batch_size_fn": batch_size_fn,
-                "distributed": distributed,
-                "check_deterministic": False,
-            }
-            blocks.append(self._uncovered_block(loss_func, data.source, missing, subset_options))
+            blocks.append(self._uncovered_block(loss_func, missing))
         KroneckerFactored.__init__(self, blocks, self._permutation(missing, blocks))
 
     def _separated(self, layer: Any) -> bool:
@@ -362,11 +363,14 @@ class KFAC(ParameterKroneckerFactored):
                     "for their exact curvature diagonal instead."
                 )
 
-    def _uncovered_block(
-        self, loss_func: Any, source: Any, missing: list[int], options: dict[str, Any]
-    ) -> Any:
-        """Return the exact curvature block of the uncovered parameters, diagonal or dense."""
+    def _uncovered_block(self, loss_func: Any, missing: list[int]) -> Any:
+        """Return the exact curvature block of the uncovered parameters, diagonal or dense.
+
+        Built on this operator's data (:meth:`CurvatureData.rebound`): nothing is counted or
+        checked again.
+        """
         model, subset = self._backend.parameter_subset(missing)
+        source, options = self._data, {"check_deterministic": False}
         sampling = {
             "mc_samples": self._build_options["mc_samples"],
             "seed": self._build_options["seed"],

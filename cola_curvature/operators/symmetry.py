@@ -8,7 +8,7 @@ from typing import Any
 
 from cola.backends import get_library_fns
 
-from cola_curvature.backends import curvature_backend
+from cola_curvature.operators._bound import DataBound
 from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
@@ -95,7 +95,7 @@ def _partition(names: Sequence[str], groups: Any) -> list[Part]:
     return parts
 
 
-class SymmetryCurvature(ParameterKroneckerFactored):
+class SymmetryCurvature(DataBound, ParameterKroneckerFactored):
     r"""``C = P · ⊕_b E_h[ρ_b(h) g_b g_bᵀ ρ_b(h)ᵀ] · Pᵀ``: gradients averaged over symmetries.
 
     Each block ``b`` is one parameter, or several listed together (a layer's weight and
@@ -171,12 +171,19 @@ class SymmetryCurvature(ParameterKroneckerFactored):
                 "ema orders the batches in time, which shards on several ranks do not have; "
                 "use ema=None with distributed=True (the full-data gradient)."
             )
-        self._backend = curvature_backend(model, loss_func, params)
+        self._bind(
+            model,
+            loss_func,
+            params,
+            data,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            check_deterministic=check_deterministic,
+            progressbar=progressbar,
+            distributed=distributed,
+        )
         self._loss = self._backend.loss
-        data = CurvatureData(data, self._backend, num_data, batch_size_fn, progressbar, distributed)
-        if check_deterministic:
-            data.check_reproducible()
-        self.num_data = data.num_data
+        data = self._data
         self.ema = ema
         self.parts = _partition(self._backend.layout.names, groups)
         statistics, shapes = self._statistics(data)

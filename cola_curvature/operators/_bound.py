@@ -1,0 +1,63 @@
+"""The base of every operator built from a model, a loss, its parameters and a data set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cola_curvature.backends import CurvatureBackend, curvature_backend
+from cola_curvature.operators._data import CurvatureData
+
+
+class DataBound:
+    """Owns the backend and the counted, checked data of an operator (``_backend``, ``_data``).
+
+    :meth:`_bind` is the one constructor prologue of the curvature operators (matrix-free,
+    KFAC / EKFAC, diagonal, symmetry) and of :class:`~cola_curvature.Laplace`: it builds the
+    backend and reads the data once to count and check it. ``data`` may be the
+    :class:`CurvatureData` of another operator over the same batches, which is then reused
+    without reading anything again (an operator on a subset of the parameters, another loss).
+
+    The shared options: ``num_data`` (counted when ``None``), ``batch_size_fn`` (``X -> int``
+    for inputs that are not one array), ``check_deterministic`` (a second pass over the data
+    side by side with the counting pass and two forward passes; matrix-free operators also
+    compare two products; ``False`` inside ``jax.jit``), ``progressbar``, ``distributed``
+    (``data`` is this rank's shard over an initialised ``torch.distributed`` group; results
+    are summed over the ranks).
+    """
+
+    _backend: CurvatureBackend
+    _data: CurvatureData
+
+    def _bind(
+        self,
+        model: Any,
+        loss_func: Any,
+        params: Any,
+        data: Iterable[tuple[Any, Any]] | CurvatureData,
+        *,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        check_deterministic: bool = True,
+        progressbar: bool = False,
+        distributed: bool = False,
+    ) -> None:
+        """Build the backend of ``(model, loss_func, params)`` and bind the data to it."""
+        self._backend = curvature_backend(model, loss_func, params)
+        if isinstance(data, CurvatureData):
+            self._data = data.rebound(self._backend)
+            return
+        self._data = CurvatureData(
+            data,
+            self._backend,
+            num_data,
+            batch_size_fn,
+            progressbar,
+            distributed,
+            check_deterministic,
+        )
+
+    @property
+    def num_data(self) -> int:
+        """Number of examples ``N`` the curvature is aggregated over."""
+        return self._data.num_data
