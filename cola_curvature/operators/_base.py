@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from cola.annotations import SelfAdjoint
@@ -38,16 +38,14 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
             equinox: a filter spec (``None`` = inexact arrays). ``D`` is their number of
             entries.
         data: A re-iterable of ``(X, y)`` batches, e.g. a list or a ``DataLoader``.
-        num_data: Number of examples in ``data``; counted in one pass when ``None``.
-        batch_size_fn: ``X -> int`` for inputs that are not a single array.
         check_deterministic: Verify at construction that data, model and products are
             deterministic (a second pass over the data beside the counting pass, two
             forward passes, two products; identical results).
             Needs values: pass ``False`` when building the operator inside ``jax.jit``.
-        progressbar: Show a progress bar over batches during each product.
-        distributed: ``data`` is this rank's shard of a data set split over an
-            initialised ``torch.distributed`` process group; every product is summed over
-            the ranks (one ``all_reduce``), so all ranks hold the same result.
+        **data_options: ``num_data``, ``batch_size_fn``, ``progressbar`` (over the batches
+            of each product), ``distributed`` (every product is summed over the ranks, one
+            ``all_reduce``), as for every data-bound operator
+            (:class:`~cola_curvature.operators._bound.DataBound`).
 
     """
 
@@ -61,22 +59,11 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
         params: Any,
         data: Iterable[tuple[Any, Any]],
         *,
-        num_data: int | None = None,
-        batch_size_fn: Callable[[Any], int] | None = None,
         check_deterministic: bool = True,
-        progressbar: bool = False,
-        distributed: bool = False,
+        **data_options: Any,
     ) -> None:
         self._bind(
-            model,
-            loss_func,
-            params,
-            data,
-            num_data=num_data,
-            batch_size_fn=batch_size_fn,
-            check_deterministic=check_deterministic,
-            progressbar=progressbar,
-            distributed=distributed,
+            model, loss_func, params, data, check_deterministic=check_deterministic, **data_options
         )
         backend = self._backend
         self._loss = backend.loss

@@ -17,13 +17,7 @@ class DataBound:
     backend and reads the data once to count and check it. ``data`` may be the
     :class:`CurvatureData` of another operator over the same batches, which is then reused
     without reading anything again (an operator on a subset of the parameters, another loss).
-
-    The shared options: ``num_data`` (counted when ``None``), ``batch_size_fn`` (``X -> int``
-    for inputs that are not one array), ``check_deterministic`` (a second pass over the data
-    side by side with the counting pass and two forward passes; matrix-free operators also
-    compare two products; ``False`` inside ``jax.jit``), ``progressbar``, ``distributed``
-    (``data`` is this rank's shard over an initialised ``torch.distributed`` group; results
-    are summed over the ranks).
+    The options every such operator shares are those of :meth:`_bind`.
     """
 
     _backend: CurvatureBackend
@@ -42,7 +36,26 @@ class DataBound:
         progressbar: bool = False,
         distributed: bool = False,
     ) -> None:
-        """Build the backend of ``(model, loss_func, params)`` and bind the data to it."""
+        """Build the backend of ``(model, loss_func, params)`` and bind the data to it.
+
+        Args:
+            model: The model (see :class:`~cola_curvature.operators._base.CurvatureOperator`).
+            loss_func: The loss, or ``None`` for model-output products only.
+            params: The parameters the curvature is taken with respect to.
+            data: A re-iterable of ``(X, y)`` batches, or another operator's
+                :class:`CurvatureData` (reused as it is: the options below are then ignored).
+            num_data: Number of examples in ``data`` (over all ranks); counted when ``None``.
+                A larger value sets the loss scaling of a data set ``data`` is part of.
+            batch_size_fn: ``X -> int`` for inputs that are not a single array.
+            check_deterministic: Check while counting that a second pass over the data gives
+                the same batches and that two forward passes agree (``RuntimeError``
+                otherwise); matrix-free operators also compare two products. Needs values:
+                pass ``False`` when building inside ``jax.jit``.
+            progressbar: Show a progress bar over the batches.
+            distributed: ``data`` is this rank's shard of a data set split over an
+                initialised ``torch.distributed`` process group; results are summed over the
+                ranks, so every rank holds the same operator.
+        """
         self._backend = curvature_backend(model, loss_func, params)
         if isinstance(data, CurvatureData):
             self._data = data.rebound(self._backend)

@@ -34,12 +34,9 @@ class DiagonalCurvature(DataBound, ParameterKroneckerFactored):
         fisher_type: ``"type-2"`` (default), ``"mc"`` or ``"empirical"``.
         mc_samples: Samples per example for ``"mc"``.
         seed: Seed of the sampled targets for ``"mc"``.
-        num_data: Number of examples; counted when ``None``.
-        batch_size_fn: ``X -> int`` for inputs that are not a single array.
-        check_deterministic: Check that two passes over data and two forward passes agree.
-        progressbar: Show a progress bar over batches.
-        distributed: ``data`` is this rank's shard over a ``torch.distributed`` group; the
-            diagonal is summed over the ranks.
+        **data_options: ``num_data``, ``batch_size_fn``, ``check_deterministic``,
+            ``progressbar``, ``distributed`` (the diagonal is summed over the ranks), as for
+            every data-bound operator (:class:`~cola_curvature.operators._bound.DataBound`).
     """
 
     def __init__(
@@ -52,11 +49,7 @@ class DiagonalCurvature(DataBound, ParameterKroneckerFactored):
         fisher_type: str | FisherType = "type-2",
         mc_samples: int = 1,
         seed: int = 0,
-        num_data: int | None = None,
-        batch_size_fn: Any = None,
-        check_deterministic: bool = True,
-        progressbar: bool = False,
-        distributed: bool = False,
+        **data_options: Any,
     ) -> None:
         self.fisher_type = parse_option(FisherType, fisher_type, "fisher_type")
         if self.fisher_type is FisherType.FORWARD_ONLY:
@@ -65,17 +58,7 @@ class DiagonalCurvature(DataBound, ParameterKroneckerFactored):
                 "or 'empirical'."
             )
         check_mc_samples(mc_samples)
-        self._bind(
-            model,
-            loss_func,
-            params,
-            data,
-            num_data=num_data,
-            batch_size_fn=batch_size_fn,
-            check_deterministic=check_deterministic,
-            progressbar=progressbar,
-            distributed=distributed,
-        )
+        self._bind(model, loss_func, params, data, **data_options)
         data = self._data
         total = 0
         with self._backend.preserved_state():

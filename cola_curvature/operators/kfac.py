@@ -207,12 +207,10 @@ class KFAC(DataBound, ParameterKroneckerFactored):
         shared_weights: ``"kronecker"`` (default): a weight several calls use gets the
             nearest Kronecker product of its uses' blocks (above); ``"uncovered"``: it is
             left to ``uncovered``.
-        num_data: Number of examples; counted when ``None``.
-        batch_size_fn: ``X -> int`` for inputs that are not a single array.
-        check_deterministic: Check that two passes over data and two forward passes agree.
-        progressbar: Show a progress bar over batches.
-        distributed: ``data`` is this rank's shard over a ``torch.distributed`` group; the
-            factor statistics are summed over the ranks (one ``all_reduce`` per factor).
+        **data_options: ``num_data``, ``batch_size_fn``, ``check_deterministic``,
+            ``progressbar``, ``distributed`` (the factor statistics are summed over the
+            ranks), as for every data-bound operator
+            (:class:`~cola_curvature.operators._bound.DataBound`).
     """
 
     def __init__(
@@ -229,11 +227,7 @@ class KFAC(DataBound, ParameterKroneckerFactored):
         uncovered: str | Uncovered = "error",
         shared_weights: str | SharedWeights = "kronecker",
         separate_weight_and_bias: bool = False,
-        num_data: int | None = None,
-        batch_size_fn: Any = None,
-        check_deterministic: bool = True,
-        progressbar: bool = False,
-        distributed: bool = False,
+        **data_options: Any,
     ) -> None:
         self.fisher_type = parse_option(FisherType, fisher_type, "fisher_type")
         self.kfac_approx = parse_option(KFACApprox, kfac_approx, "kfac_approx")
@@ -245,17 +239,7 @@ class KFAC(DataBound, ParameterKroneckerFactored):
             )
         self.separate_weight_and_bias = separate_weight_and_bias
         check_mc_samples(mc_samples)
-        self._bind(
-            model,
-            loss_func,
-            params,
-            data,
-            num_data=num_data,
-            batch_size_fn=batch_size_fn,
-            check_deterministic=check_deterministic,
-            progressbar=progressbar,
-            distributed=distributed,
-        )
+        self._bind(model, loss_func, params, data, **data_options)
         data = self._data
         self._build_options = {"mc_samples": mc_samples, "seed": seed}
         self.layers = self._kronecker_layers(data.source)

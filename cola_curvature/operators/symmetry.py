@@ -140,12 +140,9 @@ class SymmetryCurvature(DataBound, ParameterKroneckerFactored):
             ``"['w1']"`` for a JAX dict) or a tuple of names sharing their rows to a group;
             ``cc.Transposed(name)`` in a tuple contributes that parameter's columns.
         ema: ``None`` (full-data gradient) or ``β ∈ [0, 1)`` (moving average over batches).
-        num_data: Number of examples; counted when ``None``.
-        batch_size_fn: ``X -> int`` for inputs that are not a single array.
-        check_deterministic: Check that two passes over the data agree.
-        progressbar: Show a progress bar over batches.
-        distributed: ``data`` is this rank's shard over a ``torch.distributed`` group; the
-            gradient is summed over the ranks.
+        **data_options: ``num_data``, ``batch_size_fn``, ``check_deterministic``,
+            ``progressbar``, ``distributed`` (the gradient is summed over the ranks), as for
+            every data-bound operator (:class:`~cola_curvature.operators._bound.DataBound`).
 
     """
 
@@ -158,30 +155,16 @@ class SymmetryCurvature(DataBound, ParameterKroneckerFactored):
         groups: str | Mapping[Any, str] = "orthogonal-rows",
         *,
         ema: float | None = None,
-        num_data: int | None = None,
-        batch_size_fn: Any = None,
-        check_deterministic: bool = True,
-        progressbar: bool = False,
-        distributed: bool = False,
+        **data_options: Any,
     ) -> None:
         if ema is not None and not 0 <= ema < 1:
             raise ValueError(f"ema must be None or in [0, 1), got {ema!r}.")
-        if ema is not None and distributed:
+        if ema is not None and data_options.get("distributed", False):
             raise ValueError(
                 "ema orders the batches in time, which shards on several ranks do not have; "
                 "use ema=None with distributed=True (the full-data gradient)."
             )
-        self._bind(
-            model,
-            loss_func,
-            params,
-            data,
-            num_data=num_data,
-            batch_size_fn=batch_size_fn,
-            check_deterministic=check_deterministic,
-            progressbar=progressbar,
-            distributed=distributed,
-        )
+        self._bind(model, loss_func, params, data, **data_options)
         self._loss = self._backend.loss
         data = self._data
         self.ema = ema
