@@ -8,9 +8,9 @@ gamma function (the Poisson CDF, for :class:`~cola_curvature.losses_extra.Poisso
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-Array = Any
+from cola_curvature.types import Array
+
 LossFunction = Callable[[Array, Array], Array]
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from cola.ops import LinearOperator
@@ -31,8 +30,7 @@ from cola_curvature.matfree._arguments import check_positive, check_square
 from cola_curvature.matfree._random import gaussian
 from cola_curvature.matfree.krylov import gauss_quadrature
 from cola_curvature.matfree.slq import SpectralQuadrature
-
-Array = Any
+from cola_curvature.types import Array
 
 
 def hutchinson_trace(A: LinearOperator, alg: Hutchinson | None = None) -> Array:

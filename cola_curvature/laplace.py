@@ -38,10 +38,9 @@ from cola_curvature.operators._bound import DataBound
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
+from cola_curvature.types import Array
 from dispatch_rules.logdet import shifted_quadrature
 from dispatch_rules.sqrt import inverse_factor
-
-Array = Any
 
 __all__ = ["CURVATURES", "Laplace"]
 

@@ -36,8 +36,7 @@ from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerBlock, Kr
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
 from cola_curvature.operators.symmetry import SymmetryCurvature
-
-Array = Any
+from cola_curvature.types import Array
 
 #: What an index subnetwork's curvature can be: a submatrix of the exact GGN or its diagonal.
 INDEX_SUBSET_CURVATURES = ("full", "diag")

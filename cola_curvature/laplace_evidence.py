@@ -20,8 +20,7 @@ from tqdm import trange
 from cola_curvature.backends._protocol import CurvatureBackend
 from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators.kronecker import KroneckerFactored
-
-Array = Any
+from cola_curvature.types import Array
 
 
 def negative_log_likelihood(

@@ -14,8 +14,7 @@ from cola.ops import LinearOperator
 
 from cola_curvature.backends._protocol import CurvatureBackend
 from cola_curvature.losses import BCEWithLogits
-
-Array = Any
+from cola_curvature.types import Array
 
 PROBABILITY_METHODS = ("probit", "mc")
 

@@ -19,8 +19,7 @@ from cola.backends import get_library_fns
 
 from cola_curvature.backends._protocol import CurvatureBackend
 from cola_curvature.operators._base import CurvatureOperator
-
-Array = Any
+from cola_curvature.types import Array
 
 SUBSETS = ("all", "last_layer", "subnetwork")
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from typing import Protocol
 
 from cola.backends import get_library_fns
 
 from cola_curvature._tracing import is_traced
 from cola_curvature.options import Reduction, parse_option
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class RandomSource(Protocol):

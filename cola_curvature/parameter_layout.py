@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from cola.backends import get_library_fns
 
-Array = Any
+from cola_curvature.types import Array
 
 
 def _unchanged(x: Array) -> Array:

@@ -6,8 +6,6 @@ from typing import Any
 
 from cola_curvature.operators.kronecker import KroneckerFactored
 
-Array = Any
-
 
 def preconditioned_step(
     curvature: KroneckerFactored, gradient: Any, damping: float, power: float = -0.5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-Array = Any
+from cola_curvature.types import Array
 
 
 def zero_cutoff(eigenvalues: Array, xnp: Any) -> Array:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 from cola.linalg import Algorithm, Auto, Eigh
 from cola.ops import LinearOperator, ScalarMul
@@ -15,8 +14,6 @@ from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import MatrixFreeCurvature, ShiftedCurvature
 from dispatch_rules._spectrum import zero_cutoff
-
-Array = Any
 
 
 # log|det K| = Σ_l Σ_ij log|S_l,ij|,  sign(det K) = Π sign(S_l,ij)

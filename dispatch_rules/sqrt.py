@@ -8,7 +8,6 @@ exact cheaper factor where one exists.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import cola
 from cola.linalg import Algorithm, Auto, Lanczos
@@ -21,8 +20,7 @@ from cola_curvature.operators._interface import ParameterSpaceInterface
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import MatrixFreeCurvature
-
-Array = Any
+from cola_curvature.types import Array
 
 #: The default algorithm: each rule chooses.
 AUTO = Auto()

@@ -24,6 +24,7 @@ LAYERS = {
     "cola_curvature._loss_backend": 0,
     "cola_curvature.options": 0,
     "cola_curvature.parameter_layout": 0,
+    "cola_curvature.types": 0,
     "cola_curvature.losses": 0,
     "cola_curvature.losses_extra": 0,
     "cola_curvature.losses_callable": 0,

@@ -8,9 +8,8 @@ from typing import Any, Protocol
 
 from cola_curvature.losses import Loss, RandomSource
 from cola_curvature.parameter_layout import ParameterLayout
+from cola_curvature.types import Array, Batch
 
-Array = Any
-Batch = tuple[Any, Any]
 #: One entry per parameter, each of shape ``(k, *param.shape)``: ``k`` tangent columns.
 ParamColumns = list[Array]
 #: ``(f, y, JV, rng) -> U``: an output-space matrix applied to ``JV`` of shape

@@ -10,8 +10,7 @@ from cola.backends import get_library_fns
 
 from cola_curvature.losses import Loss
 from cola_curvature.options import FisherType, KFACApprox
-
-Array = Any
+from cola_curvature.types import Array
 
 
 @dataclass(frozen=True)

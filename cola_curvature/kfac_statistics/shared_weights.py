@@ -37,8 +37,7 @@ from cola_curvature.kfac_statistics.moments import (
     TokenInputs,
     batch_eigencorrections,
 )
-
-Array = Any
+from cola_curvature.types import Array
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-Array = Any
+from cola_curvature.types import Array
 
 
 class ConvergenceWarning(UserWarning):

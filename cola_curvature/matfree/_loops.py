@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-Array = Any
+from cola_curvature.types import Array
+
 State = Any
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from cola.ops import LinearOperator
 from plum import dispatch
 
-Array = Any
+from cola_curvature.types import Array
 
 
 @dispatch

@@ -24,8 +24,7 @@ from cola_curvature.matfree._arguments import check_solver
 from cola_curvature.matfree._convergence import report_failure
 from cola_curvature.matfree.interface import MatrixFunctionMethod
 from cola_curvature.matfree.krylov import _lanczos_step, _numpy, tridiagonal_eigh
-
-Array = Any
+from cola_curvature.types import Array
 
 
 @dataclass(frozen=True)

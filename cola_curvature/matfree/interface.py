@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
 
 from cola.linalg import Algorithm
 from cola.ops import LinearOperator
 
-Array = Any
+from cola_curvature.types import Array
 
 
 class TraceEstimator(Algorithm, ABC):

@@ -30,8 +30,7 @@ from cola_curvature._tracing import is_abstract, is_traced
 from cola_curvature.matfree._convergence import report_failure, report_failure_traced
 from cola_curvature.matfree._loops import iterate
 from cola_curvature.matfree._random import random_source
-
-Array = Any
+from cola_curvature.types import Array
 
 #: Orders of ``which``: largest / smallest magnitude, largest / smallest algebraic.
 ORDERS = ("LM", "SM", "LA", "SA")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from cola.ops import LinearOperator
 
 from cola_curvature.matfree._arguments import check_solver
 from cola_curvature.matfree.interface import EigenSolver
 from cola_curvature.matfree.krylov import lanczos_eigenpairs
-
-Array = Any
+from cola_curvature.types import Array
 
 
 @dataclass(frozen=True)

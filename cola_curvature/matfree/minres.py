@@ -10,8 +10,7 @@ from cola.ops import LinearOperator
 from cola_curvature._tracing import is_abstract
 from cola_curvature.matfree._loops import iterate
 from cola_curvature.matfree.solvers import KrylovSolver, safe_divisor
-
-Array = Any
+from cola_curvature.types import Array
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ from cola_curvature.matfree._loops import iterate
 from cola_curvature.matfree._random import gaussian
 from cola_curvature.matfree.krylov import gauss_quadrature
 from cola_curvature.matfree.solvers import IterativeSolver, safe_divisor
-
-Array = Any
+from cola_curvature.types import Array
 
 
 def largest_eigenvalue_estimate(A: LinearOperator, num_steps: int = 20, seed: int = 0) -> Any:

@@ -15,8 +15,7 @@ from cola_curvature.matfree._convergence import report_failure, report_failure_t
 from cola_curvature.matfree._random import rademacher
 from cola_curvature.matfree.interface import LogdetEstimator
 from cola_curvature.matfree.krylov import gauss_quadrature
-
-Array = Any
+from cola_curvature.types import Array
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,7 @@ from cola_curvature._tracing import is_abstract
 from cola_curvature.matfree._arguments import check_solver
 from cola_curvature.matfree._convergence import report_failure, report_failure_traced
 from cola_curvature.matfree.interface import LinearSolver
-
-Array = Any
+from cola_curvature.types import Array
 
 
 def safe_divisor(values: Array, xnp: Any) -> Array:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from cola.ops import LinearOperator
 
 from cola_curvature.matfree._arguments import check_budget, check_square
 from cola_curvature.matfree._random import rademacher
 from cola_curvature.matfree.interface import DiagonalEstimator, TraceEstimator
-
-Array = Any
+from cola_curvature.types import Array
 
 
 @dataclass(frozen=True)

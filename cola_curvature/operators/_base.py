@@ -13,8 +13,7 @@ from cola_curvature._checks import NONDETERMINISM_CAUSES
 from cola_curvature._tracing import is_abstract
 from cola_curvature.operators._bound import DataBound
 from cola_curvature.operators._interface import ParameterSpaceInterface
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):

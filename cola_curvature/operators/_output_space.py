@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cola_curvature.losses import Loss
-
-Array = Any
+from cola_curvature.types import Array
 
 
 def outer_product_matmat(d: Array, jv: Array) -> Array:

@@ -10,8 +10,7 @@ from cola.ops import LinearOperator
 
 from cola_curvature._tracing import is_abstract
 from cola_curvature.backends import CurvatureBackend
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class RectangularInterface:

@@ -10,8 +10,6 @@ from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerFactored
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
 from cola_curvature.options import FisherType, parse_option
 
-Array = Any
-
 
 class DiagonalCurvature(DataBound, ParameterKroneckerFactored):
     r"""The exact diagonal ``diag(C)`` of a curvature ``C = R Σ_n J_nᵀ M_n J_n``.

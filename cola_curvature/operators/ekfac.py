@@ -9,8 +9,7 @@ from cola.backends import get_library_fns
 from cola_curvature.operators.kfac import KFAC
 from cola_curvature.operators.kronecker import EigenKronecker, KroneckerFactored
 from cola_curvature.options import FisherType, parse_option
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class EKFAC(KFAC):

@@ -9,8 +9,7 @@ from cola.annotations import PSD
 from cola_curvature._checks import check_mc_samples
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators._output_space import MonteCarloFisherOutputMatmat
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class FisherMC(CurvatureOperator):

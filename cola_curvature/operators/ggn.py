@@ -8,8 +8,7 @@ from cola.annotations import PSD
 
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators._output_space import GaussNewtonOutputMatmat
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class GGN(CurvatureOperator):

@@ -10,8 +10,7 @@ from cola.annotations import PSD
 from cola_curvature.losses import Loss
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators._output_space import outer_product_matmat
-
-Array = Any
+from cola_curvature.types import Array
 
 
 def _example_scale(loss: Loss, f: Array) -> float:

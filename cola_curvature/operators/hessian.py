@@ -8,8 +8,7 @@ from cola.annotations import SelfAdjoint
 
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators._output_space import ScaledRisk
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class Hessian(CurvatureOperator):

@@ -13,8 +13,7 @@ from cola_curvature._tracing import is_abstract
 from cola_curvature.backends import CurvatureBackend, curvature_backend
 from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators._rectangular import RectangularInterface
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class OutputJacobian:

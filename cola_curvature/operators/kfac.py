@@ -31,8 +31,7 @@ from cola_curvature.options import (
     Uncovered,
     parse_option,
 )
-
-Array = Any
+from cola_curvature.types import Array
 
 #: The largest dense block ``uncovered="dense"`` builds: ``d² · itemsize`` bytes for ``d``
 #: uncovered entries. 2 GiB is ``d ≈ 16 000`` in float64 (``≈ 23 000`` in float32), a few

@@ -13,8 +13,7 @@ from cola.ops import BlockDiag, Dense, Diagonal, Kronecker, LinearOperator
 
 from cola_curvature._tracing import finite_or_traced, known_nonnegative
 from cola_curvature.options import DampingMode, parse_option
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class KroneckerBlock(Kronecker):

@@ -25,13 +25,11 @@ Every operation costs ``O(D k² + k³)``; nothing of size ``D × D`` is formed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from cola.ops import Diagonal, LinearOperator
 
 from cola_curvature._tracing import is_abstract, known_nonnegative
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class DiagonalPlusLowRank(LinearOperator):

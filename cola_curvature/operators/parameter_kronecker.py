@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from cola.ops import LinearOperator
 
 from cola_curvature.backends import CurvatureBackend
 from cola_curvature.operators._interface import ParameterSpaceInterface
 from cola_curvature.operators.kronecker import KroneckerFactored
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class ParameterKroneckerFactored(ParameterSpaceInterface, KroneckerFactored):

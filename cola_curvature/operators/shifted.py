@@ -8,7 +8,6 @@ rules of this library treat the combination as one symmetric operator.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from cola.annotations import PSD, SelfAdjoint
 from cola.ops import LinearOperator
@@ -16,8 +15,7 @@ from cola.ops import LinearOperator
 from cola_curvature._tracing import finite_or_traced, known_nonnegative
 from cola_curvature.operators._base import CurvatureOperator
 from cola_curvature.operators._interface import ParameterSpaceInterface
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class ShiftedCurvature(ParameterSpaceInterface, LinearOperator):

@@ -12,8 +12,7 @@ from cola.ops import LinearOperator
 
 from cola_curvature.operators._interface import ParameterSpaceInterface
 from cola_curvature.operators._rectangular import RectangularInterface
-
-Array = Any
+from cola_curvature.types import Array
 
 
 def _parameter_indices(selection: Any, parameters: Sequence[Any], name: str) -> list[int]:

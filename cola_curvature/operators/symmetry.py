@@ -14,8 +14,7 @@ from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
 from cola_curvature.operators.symmetry_blocks import averaged_block, gradient_statistics
 from cola_curvature.options import SymmetryGroup, parse_option
-
-Array = Any
+from cola_curvature.types import Array
 
 
 @dataclass(frozen=True)

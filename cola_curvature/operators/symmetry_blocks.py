@@ -37,15 +37,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 from cola.backends import get_library_fns
 from cola.ops import LinearOperator
 
 from cola_curvature.operators.kronecker import KroneckerBlock, symmetric_eigh
 from cola_curvature.options import SymmetryGroup, parse_option
-
-Array = Any
+from cola_curvature.types import Array
 
 
 class PermutationAveragedBlock(LinearOperator):

@@ -30,8 +30,8 @@ from cola_curvature.operators.symmetry_blocks import averaged_block, gradient_st
 from cola_curvature.optim._options import Grafting
 from cola_curvature.options import SymmetryGroup
 from cola_curvature.preconditioning import preconditioned_step
+from cola_curvature.types import Array
 
-Array = Any
 #: A parameter's curvature structure: a symmetry group, or ``None`` for the diagonal.
 Structure = SymmetryGroup | None
 

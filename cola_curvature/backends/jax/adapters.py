@@ -34,8 +34,8 @@ import jax
 from cola_curvature.backends import curvature_backend, dispatch
 from cola_curvature.backends.jax.backend import JaxBackend
 from cola_curvature.losses import Loss
+from cola_curvature.types import PyTree
 
-PyTree = Any
 #: ``(params, inputs) -> outputs``: what every adapter returns next to ``params``.
 ModelFn = Callable[[PyTree, Any], Any]
 

@@ -20,9 +20,7 @@ from cola_curvature.backends.jax.state import JaxExampleRandom, JaxRandom
 from cola_curvature.kfac_statistics.shared_weights import use_layers
 from cola_curvature.losses import SUPPORTED_LOSSES, Loss
 from cola_curvature.options import FisherType, KFACApprox
-
-Array = Any
-PyTree = Any
+from cola_curvature.types import Array, PyTree
 
 
 def _check_loss(loss_func: Any) -> Loss | None:

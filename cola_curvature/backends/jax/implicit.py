@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 from plum import dispatch
 
-Array = Any
+from cola_curvature.types import Array
 
 
 # a method of cola_curvature.matfree.solvers.implicit_solve (plum's global dispatcher joins

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from jax.extend.core import JaxprEqn
 
 from cola_curvature.kfac_statistics.moments import TokenInputs
-
-Array = Any
+from cola_curvature.types import Array
 
 
 def gathers_rows(eqn: JaxprEqn) -> bool:

@@ -25,8 +25,8 @@ from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, JaxprEqn, Literal, Var
 
 from cola_curvature.backends.jax.jaxpr_embeddings import clamps_indices, gathers_rows, token_inputs
 from cola_curvature.kfac_statistics.moments import TokenInputs
+from cola_curvature.types import Array
 
-Array = Any
 Path = tuple[int, ...]
 
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "call", "checkpoint", "remat"})

@@ -33,9 +33,8 @@ from cola_curvature.kfac_statistics.shared_weights import (
 )
 from cola_curvature.losses import Loss
 from cola_curvature.options import FisherType, KFACApprox
+from cola_curvature.types import Array, PyTree
 
-Array = Any
-PyTree = Any
 ModelFn = Callable[[PyTree, Any], Array]
 
 jax.tree_util.register_pytree_node(

@@ -17,9 +17,8 @@ from cola_curvature.backends.jax.state import JaxExampleRandom
 from cola_curvature.kfac_statistics import moments as statistics
 from cola_curvature.losses import Loss
 from cola_curvature.options import FisherType
+from cola_curvature.types import Array, PyTree
 
-Array = Any
-PyTree = Any
 #: ``(params, inputs) -> outputs``: the user's model.
 ModelFn = Callable[[PyTree, Any], Array]
 

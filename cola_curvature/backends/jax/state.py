@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from plum import dispatch
 
-Array = Any
+from cola_curvature.types import Array
 
 
 class JaxRandom:
