@@ -384,7 +384,8 @@ def test_multihead_attention_rows_are_grouped_by_example(batch_first, operator):
 )
 def test_recorded_conv_patches_reproduce_the_convolution(conv):
     """KFAC's patches of a recorded conv2d call, times the weight, give the call's output."""
-    from cola_curvature.backends.torch.kfac import _conv_patches, recorded_calls
+    from cola_curvature.backends.torch.call_signals import _conv_patches
+    from cola_curvature.backends.torch.layer_calls import recorded_calls
 
     with torch.random.fork_rng():
         torch.manual_seed(5)

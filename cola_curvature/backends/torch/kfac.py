@@ -4,31 +4,32 @@ A layer is found by the identity of its weight (or bias) in the calls the forwar
 makes through ``torch.nn.functional``: ``F.linear``, ``F.conv2d`` and ``F.embedding``,
 which ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and ``nn.MultiheadAttention`` (its
 packed in-projection ``in_proj_weight`` and its ``out_proj``, called functionally inside
-``F.multi_head_attention_forward``) all use. While the model runs, these three attributes
-of ``torch.nn.functional`` are wrapped by recorders (restored on exit; not thread-safe),
-which keep each call's input and output; a ``TorchFunctionMode`` would not see the calls
-made inside ``F.multi_head_attention_forward``, which it receives as one call.
+``F.multi_head_attention_forward``) all use; :mod:`~cola_curvature.backends.torch.layer_calls`
+records them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from torch.nn import functional as F
-from torch.nn.functional import pad
 from torch.utils import _pytree
 
-from cola_curvature.kfac_statistics.moments import (
-    LayerSignals,
-    TokenInputs,
-    _augment,
-    output_cotangents,
+from cola_curvature.backends.torch.call_signals import (
+    _call_gradient,
+    _input_rows,
+    _layer_inputs,
+    _layer_output_grads,
 )
+from cola_curvature.backends.torch.layer_calls import (
+    KroneckerLayer,
+    LayerCall,
+    _grouped,
+    _layer_key,
+    recorded_calls,
+)
+from cola_curvature.kfac_statistics.moments import LayerSignals, output_cotangents
 from cola_curvature.kfac_statistics.shared_weights import (
     SharedWeightLayer,
     shared_weight_rejection,
@@ -36,166 +37,6 @@ from cola_curvature.kfac_statistics.shared_weights import (
 )
 from cola_curvature.losses import Loss
 from cola_curvature.options import FisherType
-
-
-@dataclass(frozen=True)
-class LayerCall:
-    """One recorded call: its kind, input (an embedding's indices), output, weight and bias.
-
-    ``kind`` is ``"linear"``, ``"conv2d"`` or ``"embedding"``; ``settings`` holds the
-    call's other arguments by name (``stride``, ``padding``, ``padding_idx``, ...).
-    """
-
-    kind: str
-    inputs: torch.Tensor
-    output: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    settings: dict[str, Any]
-
-
-#: The argument names of the recorded functions, in positional order, and their defaults.
-_SIGNATURES = {
-    "linear": ("input", "weight", "bias"),
-    "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-    "embedding": (
-        "input",
-        "weight",
-        "padding_idx",
-        "max_norm",
-        "norm_type",
-        "scale_grad_by_freq",
-        "sparse",
-    ),
-}
-_DEFAULTS = {
-    "bias": None,
-    "stride": 1,
-    "padding": 0,
-    "dilation": 1,
-    "groups": 1,
-    "padding_idx": None,
-    "max_norm": None,
-    "scale_grad_by_freq": False,
-}
-
-
-def _layer_call(kind: str, args: tuple, kwargs: dict[str, Any], output: torch.Tensor) -> LayerCall:
-    """Return the call of ``kind`` with its arguments bound by name."""
-    bound = {**_DEFAULTS, **dict(zip(_SIGNATURES[kind], args, strict=False)), **kwargs}
-    inputs, weight, bias = bound.pop("input"), bound.pop("weight"), bound.pop("bias")
-    return LayerCall(kind, inputs, output, weight, bias, bound)
-
-
-@contextmanager
-def recorded_calls(tracked: Collection[int]) -> Iterator[list[LayerCall]]:
-    """Record the ``F.linear`` / ``F.conv2d`` / ``F.embedding`` calls on tracked tensors.
-
-    A call is recorded when its weight or bias is (by ``id``) one of ``tracked``; the list
-    fills while the context is open.
-    """
-    calls: list[LayerCall] = []
-    originals = {kind: getattr(F, kind) for kind in _SIGNATURES}
-
-    def recorder(kind: str) -> Callable:
-        original = originals[kind]
-
-        def record(*args: Any, **kwargs: Any) -> torch.Tensor:
-            output = original(*args, **kwargs)
-            call = _layer_call(kind, args, kwargs, output)
-            if id(call.weight) in tracked or (call.bias is not None and id(call.bias) in tracked):
-                calls.append(call)
-            return output
-
-        return record
-
-    try:
-        for kind in _SIGNATURES:
-            setattr(F, kind, recorder(kind))
-        yield calls
-    finally:
-        for kind, original in originals.items():
-            setattr(F, kind, original)
-
-
-@dataclass(frozen=True)
-class KroneckerLayer:
-    """A weight (and bias) used in one call, sharing one Kronecker block ``G ⊗ A``.
-
-    The block acts on an ``out × in`` matrix: the weight as an ``out × (in·k·k)`` matrix
-    for ``linear`` and ``conv2d``; for ``embedding`` (weight ``V × d``, ``s = Wᵀ e_x``) its
-    transpose ``Wᵀ`` with the one-hot ``e_x`` as input, so ``A`` is diagonal (the token
-    counts). ``weight_index`` and ``bias_index`` are positions in the user's ``params``
-    (``None`` when that parameter is not part of the curvature). ``layout`` says how the
-    rows of the call's input are ordered: ``"example-major"`` (``n T + t``, e.g.
-    ``(N, T, in)``) or ``"example-minor"`` (``t N + n``, e.g. the ``(T, N, E)`` inside
-    ``nn.MultiheadAttention``). ``call_index`` says which of the ``calls`` calls on the
-    weight in one forward pass this layer is (several for a tied or reused weight, each a
-    use of a :class:`~cola_curvature.kfac_statistics.shared_weights.SharedWeightLayer`).
-    """
-
-    name: str
-    kind: str
-    weight_shape: tuple[int, ...]
-    weight_index: int | None
-    bias_index: int | None
-    layout: str
-    settings: dict[str, Any] = field(default_factory=dict, compare=False)
-    call_index: int = 0
-    calls: int = 1
-
-    @property
-    def out_features(self) -> int:
-        """Return the dimension of the output factor ``G``."""
-        return self.weight_shape[1 if self.kind == "embedding" else 0]
-
-    @property
-    def weight_columns(self) -> int:
-        """Return the number of columns of the weight viewed as an ``out × in`` matrix."""
-        if self.kind == "embedding":
-            return self.weight_shape[0]
-        return int(np.prod(self.weight_shape[1:]))
-
-    @property
-    def weight_positions(self) -> np.ndarray:
-        """Return the flat position in the weight of block entry ``(o, i)``.
-
-        Row-major for ``linear`` and ``conv2d``; an embedding's block is on ``Wᵀ``.
-        """
-        if self.kind == "embedding":
-            return (
-                np.arange(self.weight_columns * self.out_features).reshape(-1, self.out_features).T
-            )
-        return np.arange(self.out_features * self.weight_columns).reshape(self.out_features, -1)
-
-    @property
-    def in_features(self) -> int:
-        """Return the dimension of the input factor ``A``: weight columns plus bias column."""
-        weight = self.weight_columns if self.weight_index is not None else 0
-        return weight + (self.bias_index is not None)
-
-
-def _call_key(call: LayerCall, index: dict[int, int]) -> tuple[str, int]:
-    """Return ``("weight", i)`` for a call on ``params[i]`` as weight, else ``("bias", j)``."""
-    if id(call.weight) in index:
-        return "weight", index[id(call.weight)]
-    return "bias", index[id(call.bias)]
-
-
-def _grouped(calls: Sequence[LayerCall], index: dict[int, int]) -> dict[tuple, list[LayerCall]]:
-    """Return the calls per key (:func:`_call_key`), in order of first call."""
-    grouped: dict[tuple, list[LayerCall]] = {}
-    for call in calls:
-        grouped.setdefault(_call_key(call, index), []).append(call)
-    return grouped
-
-
-def _input_rows(call: LayerCall) -> torch.Tensor:
-    """Return the call's input as rows: ``(R, in)`` for linear, ``(R, 1)`` token indices."""
-    inputs = call.inputs.detach()
-    if call.kind == "embedding":
-        return inputs.reshape(-1, 1)
-    return inputs.reshape(-1, inputs.shape[-1])
 
 
 def _example_layout(one: LayerCall, two: LayerCall) -> str | None:
@@ -341,13 +182,6 @@ def _uses(
     return uses, None
 
 
-def _layer_key(layer: KroneckerLayer) -> tuple[str, int]:
-    """Return the key (:func:`_call_key`) of the layer's calls."""
-    if layer.weight_index is not None:
-        return "weight", layer.weight_index
-    return "bias", layer.bias_index
-
-
 def _used_outside_their_calls(
     layers: Sequence[Any],
     calls: dict[tuple, list[LayerCall]],
@@ -398,94 +232,6 @@ def _used_outside_their_calls(
         if (through_calls - total).abs().max() > tolerance * total.abs().max():
             shared.append(layer)
     return shared
-
-
-def _call_gradient(
-    layer: KroneckerLayer, call: LayerCall, output_grad: torch.Tensor
-) -> torch.Tensor:
-    """Return ``Σ_{n,t} g ãᵀ``, ``(out, in [+1])``: the gradient of ``[W b]`` through one call."""
-    inputs = _layer_inputs(layer, call, 1)
-    rows = _layer_output_grads(layer, output_grad[None], 1)[0].reshape(-1, layer.out_features)
-    if isinstance(inputs, TokenInputs):
-        weighted = rows * inputs.weights.reshape(-1, 1)
-        return _segment_sum(weighted, inputs.indices.reshape(-1), inputs.num_classes).T
-    return rows.T @ inputs.reshape(-1, inputs.shape[-1])
-
-
-def _by_example(rows: torch.Tensor, layout: str, examples: int, axis: int = 0) -> torch.Tensor:
-    """Return ``rows`` (``R`` along ``axis``) as ``(N, T)`` along ``axis, axis + 1``."""
-    size = rows.shape[axis]
-    if size % examples:
-        raise ValueError(
-            f"a layer call has {size} rows, not a multiple of the batch's {examples} examples."
-        )
-    before, after = rows.shape[:axis], rows.shape[axis + 1 :]
-    if layout == "example-major":
-        return rows.reshape(*before, examples, size // examples, *after)
-    minor = rows.reshape(*before, size // examples, examples, *after)
-    return minor.transpose(axis, axis + 1)
-
-
-def _conv_padding(call: LayerCall, kernel: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Return the call's zero padding as ``(left, right, top, bottom)`` for ``F.pad``."""
-    padding, dilation = (
-        call.settings["padding"],
-        torch.nn.modules.utils._pair(call.settings["dilation"]),
-    )
-    if padding == "valid":
-        return 0, 0, 0, 0
-    if padding == "same":
-        totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
-        (top, left) = (t // 2 for t in totals)
-        return left, totals[1] - left, top, totals[0] - top
-    p_h, p_w = torch.nn.modules.utils._pair(padding)
-    return p_w, p_w, p_h, p_h
-
-
-def _conv_patches(call: LayerCall) -> torch.Tensor:
-    """Return a conv2d call's patches as ``(N, T, in)``, ``T`` output pixels.
-
-    The patches are copied once from a strided view of the padded input into feature-major
-    memory ``(in, N, T)`` (in ``unfold``'s column order ``(c, k_h, k_w)``), and returned as
-    an ``(N, T, in)`` view of it.
-    """
-    pair = torch.nn.modules.utils._pair
-    k_h, k_w = call.weight.shape[2:]
-    (d_h, d_w), (s_h, s_w) = pair(call.settings["dilation"]), pair(call.settings["stride"])
-    padded = pad(call.inputs.detach(), _conv_padding(call, (k_h, k_w)))
-    windows = padded.unfold(2, (k_h - 1) * d_h + 1, s_h).unfold(3, (k_w - 1) * d_w + 1, s_w)
-    windows = windows[..., ::d_h, ::d_w]
-    n, positions = call.inputs.shape[0], windows.shape[2] * windows.shape[3]
-    features = windows.permute(1, 4, 5, 0, 2, 3).reshape(-1, n, positions)
-    return features.permute(1, 2, 0)
-
-
-def _segment_sum(values: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
-    """Return ``(count, …)`` whose row ``k`` sums the rows of ``values`` with id ``k``."""
-    totals = values.new_zeros((count, *values.shape[1:]))
-    return totals.index_add_(0, ids, values)
-
-
-def _layer_inputs(layer: KroneckerLayer, call: LayerCall, examples: int) -> Any:
-    """Return the block's inputs ``ã`` as ``(N, T, in [+1])``, or an embedding's tokens."""
-    if layer.kind == "conv2d":
-        return _augment(_conv_patches(call), layer)
-    if layer.kind == "linear":
-        return _augment(_by_example(_input_rows(call), layer.layout, examples), layer)
-    tokens = _by_example(call.inputs.detach().reshape(-1), layer.layout, examples)
-    padding_idx = layer.settings["padding_idx"]
-    weights = torch.ones_like(tokens, dtype=call.output.dtype)
-    if padding_idx is not None:
-        weights = weights * (tokens != padding_idx % layer.weight_shape[0])
-    return TokenInputs(tokens, weights, layer.weight_shape[0], _segment_sum)
-
-
-def _layer_output_grads(layer: KroneckerLayer, grads: torch.Tensor, examples: int) -> torch.Tensor:
-    """Return gradients w.r.t. the call output, ``(C', …)``, as ``(C', N, T, out)``."""
-    if layer.kind == "conv2d":
-        return grads.flatten(start_dim=3).transpose(2, 3)
-    rows = grads.reshape(grads.shape[0], -1, grads.shape[-1])
-    return _by_example(rows, layer.layout, examples, axis=1)
 
 
 def layer_signals(
