@@ -22,9 +22,25 @@ from cola.backends import get_library_fns
 from cola_curvature.types import Array
 
 
-def _unchanged(x: Array) -> Array:
-    """Return ``x`` (the default :attr:`ArrayKind.thaw`)."""
+def _unchanged(x: Any) -> Any:
+    """Return ``x`` (the default of :attr:`ArrayKind.thaw` and :attr:`ArrayKind.compiled`)."""
     return x
+
+
+def stack_columns(columns: Sequence[Array]) -> Array:
+    """Return the ``(D, k)`` matrix of per-parameter columns ``(k, *θ_p.shape)``."""
+    xnp = get_library_fns(columns[0].dtype)
+    return xnp.concat([c.reshape(c.shape[0], -1) for c in columns], axis=1).T
+
+
+def split_rows(matrix: Array, shapes: tuple[tuple[int, ...], ...]) -> list[Array]:
+    """Return the per-parameter columns ``(k, *shape)`` of a ``(D, k)`` matrix."""
+    rows, columns, offset = matrix.T, [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        columns.append(rows[:, offset : offset + size].reshape((rows.shape[0], *shape)))
+        offset += size
+    return columns
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,9 @@ class ArrayKind:
         checks_device: Whether an array must sit on the parameters' device.
         all_finite: ``x -> bool`` for a concrete array: no NaN or infinite entry.
         thaw: ``x -> x'`` an array autodiff can use (torch clones inference-mode tensors).
+        compiled: ``fn -> fn'``, :func:`stack_columns` and :func:`split_rows` compiled where
+            that pays (JAX: one ``jit`` program per parameter shapes instead of one eager
+            dispatch per parameter; ``shapes`` is static).
     """
 
     types: tuple[type, ...]
@@ -49,6 +68,7 @@ class ArrayKind:
     checks_device: bool
     all_finite: Callable[[Array], bool]
     thaw: Callable[[Array], Array] = _unchanged
+    compiled: Callable[[Callable[..., Any]], Callable[..., Any]] = _unchanged
 
 
 class ParameterStructure(Protocol):
@@ -97,19 +117,16 @@ class ParameterLayout:
         self.kind = kind
         self.xnp = get_library_fns(self.dtype)
         self._values = list(values)
+        self._stack = kind.compiled(stack_columns)
+        self._split = kind.compiled(split_rows)
 
     def flatten(self, columns: Sequence[Array]) -> Array:
         """Stack per-parameter columns ``(k, *θ_p.shape)`` into a ``(D, k)`` matrix."""
-        return self.xnp.concat([c.reshape(c.shape[0], -1) for c in columns], axis=1).T
+        return self._stack(list(columns))
 
     def unflatten(self, matrix: Array) -> list[Array]:
         """Split a ``(D, k)`` matrix into per-parameter columns ``(k, *θ_p.shape)``."""
-        rows = self.kind.thaw(matrix).T
-        k = rows.shape[0]
-        return [
-            rows[:, offset : offset + size].reshape((k, *shape))
-            for offset, size, shape in zip(self.offsets, self.sizes, self.shapes, strict=True)
-        ]
+        return self._split(self.kind.thaw(matrix), shapes=tuple(self.shapes))
 
     def vector(self) -> Array:
         """Return the parameters' current values as one flat ``(D,)`` array."""

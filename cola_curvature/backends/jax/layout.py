@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +19,17 @@ def _all_finite(x: Any) -> bool:
         return bool(jnp.isfinite(x).all())
 
 
+@functools.cache
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Return ``fn`` jit-compiled with a static ``shapes`` argument where it has one.
+
+    Cached per function: every layout of the process shares one program per parameter
+    shapes (an operator rebuilt every training step compiles nothing new).
+    """
+    static = ("shapes",) if "shapes" in inspect.signature(fn).parameters else ()
+    return jax.jit(fn, static_argnames=static)
+
+
 #: JAX arrays (placed by JAX: the device is not checked).
 ARRAYS = ArrayKind(
     types=(jax.Array,),
@@ -25,6 +38,7 @@ ARRAYS = ArrayKind(
     cast=lambda dtype, device: f"v.astype(jnp.{dtype})",
     checks_device=False,
     all_finite=_all_finite,
+    compiled=_compiled,
 )
 
 
