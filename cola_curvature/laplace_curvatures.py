@@ -32,7 +32,8 @@ from cola_curvature.operators.diagonal import DiagonalCurvature
 from cola_curvature.operators.ekfac import EKFAC
 from cola_curvature.operators.ggn import GGN
 from cola_curvature.operators.kfac import KFAC
-from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerBlock, KroneckerFactored
+from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.kronecker_blocks import DiagonalBlock, KroneckerBlock
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
 from cola_curvature.operators.symmetry import SymmetryCurvature

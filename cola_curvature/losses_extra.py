@@ -1,6 +1,6 @@
-"""Gaussian and Poisson NLL, Huber, smooth L1 and NLL of log-probabilities (``torch.nn``).
+"""Binary cross-entropy on logits, Gaussian and Poisson NLL, Huber, smooth L1, NLL (``torch.nn``).
 
-The first four are sums over output entries with torch's ``"mean"`` (divide by
+The first five are sums over output entries with torch's ``"mean"`` (divide by
 ``N · numel(f_n)``), so :meth:`~cola_curvature.losses.Loss.terms_per_example` keeps its
 default; :class:`NLL` averages over examples and positions as cross-entropy does.
 """
@@ -33,6 +33,60 @@ def _require_same_shape(loss: Loss, f: Array, y: Array) -> None:
         )
     if "float" not in str(y.dtype):
         raise ValueError(f"{type(loss).__name__} needs floating-point targets, got {y.dtype}.")
+
+
+class BCEWithLogits(Loss):
+    r"""Binary cross-entropy on logits, as ``torch.nn.BCEWithLogitsLoss``.
+
+    ``ℓ(f, y) = Σ_i softplus(f_i) - y_i f_i``; with ``σ = sigmoid(f)`` the output
+    Hessian is ``diag(σ (1 - σ))`` (independent of ``y``), factor ``√(σ(1 - σ))``.
+    Targets lie in ``[0, 1]`` with the shape of ``f``. ``"mean"`` divides by the number
+    of output entries.
+    """
+
+    def _sigmoid(self, f: Array) -> Array:
+        """Return ``σ(f)``."""
+        xnp = get_library_fns(f.dtype)
+        return 1 / (1 + xnp.exp(-f))
+
+    def sum_value(self, f: Array, y: Array) -> Array:
+        """Return ``Σ max(f, 0) + log(1 + e^{-|f|}) - y f``."""
+        xnp = get_library_fns(f.dtype)
+        softplus = xnp.maximum(f, 0 * f) + xnp.log(1 + xnp.exp(-xnp.abs(f)))
+        return (softplus - y * f).sum()
+
+    def output_gradient(self, f: Array, y: Array) -> Array:
+        """Return ``σ(f) - y``."""
+        return self._sigmoid(f) - y
+
+    def hessian_matmat(self, f: Array, u: Array, y: Array | None = None) -> Array:
+        """Return ``σ(1 - σ) ⊙ u``."""
+        s = self._sigmoid(f)
+        return s * (1 - s) * u
+
+    def hessian_sqrt(self, f: Array, y: Array | None = None) -> Array:
+        """Return ``√(σ_k(1 - σ_k)) e_k`` per output entry, shape ``(numel(f_n), *f.shape)``."""
+        xnp = get_library_fns(f.dtype)
+        s = self._sigmoid(f)
+        return _diagonal_factor(f, xnp.sqrt(s * (1 - s)))
+
+    def sample(self, f: Array, rng: RandomSource, num_samples: int) -> Array:
+        """Draw ``ŷ_m ~ Bernoulli(σ(f))``, shape ``(num_samples, *f.shape)``."""
+        xnp = get_library_fns(f.dtype)
+        u = rng.uniform((num_samples,) + tuple(f.shape), f)
+        return xnp.cast(u < self._sigmoid(f)[None], f.dtype)
+
+    def check_target(self, f: Array, y: Array) -> None:
+        """Require float targets of the shape of ``f``."""
+        if tuple(y.shape) != tuple(f.shape):
+            raise ValueError(
+                f"BCEWithLogits needs targets of the same shape as the model output "
+                f"{tuple(f.shape)}, got {tuple(y.shape)}."
+            )
+        if "float" not in str(y.dtype):
+            raise ValueError(
+                f"BCEWithLogits needs floating-point targets in [0, 1], got dtype {y.dtype}."
+            )
 
 
 class GaussianNLL(Loss):

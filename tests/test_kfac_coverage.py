@@ -16,7 +16,7 @@ from torch import nn
 import cola_curvature as cc
 from cola_curvature.models.gpt import RMSNorm
 from cola_curvature.operators import kfac as kfac_module
-from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerBlock
+from cola_curvature.operators.kronecker_blocks import DiagonalBlock, KroneckerBlock
 from cola_curvature.options import Uncovered
 from tests import double_backward_reference as ref
 from tests import test_real_architectures as real_architectures

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import cola_curvature as cc
-from cola_curvature.operators import kronecker
+from cola_curvature.operators import kronecker_algebra as kronecker
 from tests._tols import EXACT_RTOL
 
 F64 = torch.float64

@@ -21,7 +21,7 @@ from torch import nn
 import cola_curvature as cc
 from cola_curvature.kfac_statistics.shared_weights import SharedWeightLayer, nearest_kronecker
 from cola_curvature.operators.kfac import block_permutation
-from cola_curvature.operators.kronecker import symmetric_eigh
+from cola_curvature.operators.kronecker_algebra import symmetric_eigh
 from tests import double_backward_reference as ref
 from tests.cases import F64
 from tests.test_real_architectures import build, tiny_gpt

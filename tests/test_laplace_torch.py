@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 import cola_curvature as cc
-from cola_curvature.operators.kronecker import KroneckerBlock, KroneckerFactored
+from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.kronecker_blocks import KroneckerBlock
 
 laplace = pytest.importorskip(
     "laplace", reason="laplace-torch is not installed (make test installs it with --no-deps)"

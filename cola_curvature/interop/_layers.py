@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cola_curvature.operators.kfac import KFAC
-from cola_curvature.operators.kronecker import KroneckerBlock
+from cola_curvature.operators.kronecker_blocks import KroneckerBlock
 
 #: Layer kinds whose blocks curvlinops and laplace-torch can hold.
 SUPPORTED_KINDS = ("linear", "conv2d")

@@ -11,7 +11,7 @@ import torch
 from cola_curvature.backends import curvature_backend
 from cola_curvature.interop._layers import layer_groups, require
 from cola_curvature.operators.kfac import KFAC
-from cola_curvature.operators.kronecker import KroneckerBlock
+from cola_curvature.operators.kronecker_blocks import KroneckerBlock
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
 from cola_curvature.options import FisherType
 

@@ -13,7 +13,7 @@ from cola_curvature.interop._layers import layer_groups, require
 from cola_curvature.losses import MSE, CrossEntropy
 from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators.kfac import KFAC
-from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerBlock
+from cola_curvature.operators.kronecker_blocks import DiagonalBlock, KroneckerBlock
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
 from cola_curvature.options import Reduction
 

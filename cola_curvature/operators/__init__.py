@@ -10,7 +10,8 @@ from cola_curvature.operators.gradient_moments import GradientMoments
 from cola_curvature.operators.hessian import Hessian
 from cola_curvature.operators.jacobian import Jacobian, JacobianTranspose
 from cola_curvature.operators.kfac import KFAC
-from cola_curvature.operators.kronecker import EigenKronecker, KroneckerBlock, KroneckerFactored
+from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.kronecker_blocks import EigenKronecker, KroneckerBlock
 from cola_curvature.operators.shifted import ShiftedCurvature
 from cola_curvature.operators.submatrix import Submatrix
 from cola_curvature.operators.symmetry import SymmetryCurvature

@@ -6,7 +6,8 @@ from typing import Any
 
 from cola_curvature._checks import check_mc_samples
 from cola_curvature.operators._bound import DataBound
-from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerFactored
+from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.kronecker_blocks import DiagonalBlock
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
 from cola_curvature.options import FisherType, parse_option
 

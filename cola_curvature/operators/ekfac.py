@@ -7,7 +7,8 @@ from typing import Any
 from cola.backends import get_library_fns
 
 from cola_curvature.operators.kfac import KFAC
-from cola_curvature.operators.kronecker import EigenKronecker, KroneckerFactored
+from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.kronecker_blocks import EigenKronecker
 from cola_curvature.options import FisherType, parse_option
 from cola_curvature.types import Array
 

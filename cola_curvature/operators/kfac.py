@@ -22,7 +22,8 @@ from cola_curvature.operators.diagonal import DiagonalCurvature
 from cola_curvature.operators.empirical_fisher import EmpiricalFisher
 from cola_curvature.operators.fisher import FisherMC
 from cola_curvature.operators.ggn import GGN
-from cola_curvature.operators.kronecker import KroneckerBlock, KroneckerFactored
+from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.kronecker_blocks import KroneckerBlock
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
 from cola_curvature.options import (
     FisherType,

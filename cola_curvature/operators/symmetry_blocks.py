@@ -41,7 +41,8 @@ from collections.abc import Callable
 from cola.backends import get_library_fns
 from cola.ops import LinearOperator
 
-from cola_curvature.operators.kronecker import KroneckerBlock, symmetric_eigh
+from cola_curvature.operators.kronecker_algebra import symmetric_eigh
+from cola_curvature.operators.kronecker_blocks import KroneckerBlock
 from cola_curvature.options import SymmetryGroup, parse_option
 from cola_curvature.types import Array
 

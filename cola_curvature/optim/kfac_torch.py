@@ -9,7 +9,7 @@ import torch
 
 from cola_curvature.backends import curvature_backend
 from cola_curvature.operators.kfac import KFAC as KFACOperator
-from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerBlock
+from cola_curvature.operators.kronecker_blocks import DiagonalBlock, KroneckerBlock
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
 from cola_curvature.optim._options import check_curvature_options, check_step_options
 from cola_curvature.optim.symmetry_statistics import apply_step, debiased, moving_average

@@ -24,7 +24,8 @@ from typing import Any
 
 from cola.backends import get_library_fns
 
-from cola_curvature.operators.kronecker import DiagonalBlock, KroneckerFactored
+from cola_curvature.operators.kronecker import KroneckerFactored
+from cola_curvature.operators.kronecker_blocks import DiagonalBlock
 from cola_curvature.operators.symmetry import matrix_view
 from cola_curvature.operators.symmetry_blocks import averaged_block, gradient_statistics
 from cola_curvature.optim._options import Grafting

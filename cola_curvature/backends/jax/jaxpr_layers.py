@@ -1,4 +1,4 @@
-"""Dense, convolution and embedding layers found in the jaxpr of a ``model_fn``, and a replay.
+"""Dense, convolution and embedding layers found in the jaxpr of a ``model_fn``.
 
 A layer is a ``dot_general`` or ``conv_general_dilated`` whose weight operand is a parameter
 leaf (possibly rearranged by ``transpose``/``reshape``), optionally followed by an ``add`` of
@@ -15,86 +15,22 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, JaxprEqn, Literal, Var
+from jax.extend.core import DropVar, Jaxpr, JaxprEqn, Literal
 
-from cola_curvature.backends.jax.jaxpr_embeddings import clamps_indices, gathers_rows, token_inputs
-from cola_curvature.kfac_statistics.moments import TokenInputs
-from cola_curvature.types import Array
+from cola_curvature.backends.jax.jaxpr_embeddings import clamps_indices, gathers_rows
+from cola_curvature.backends.jax.jaxpr_sites import Path, Site, _nested
 
-Path = tuple[int, ...]
-
-_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "call", "checkpoint", "remat"})
 _REARRANGEMENTS = frozenset({"transpose", "reshape", "broadcast_in_dim", "squeeze"})
 _DENSE_USE = "a dot_general (dense layer)"
 _CONV_USE = "a conv_general_dilated (convolution layer)"
 _EMBEDDING_USE = "a gather of whole rows (embedding layer)"
 _BIAS_USE = "a bias add"
 _LAYER_USES = frozenset({_DENSE_USE, _CONV_USE, _EMBEDDING_USE, _BIAS_USE})
-
-
-@dataclass
-class Site:
-    """One layer in a jaxpr: where its input is read and its output perturbed, and its layout.
-
-    ``weight_positions[o, i]`` is the flat position in the weight leaf of the entry that
-    multiplies input feature ``i`` into output feature ``o``; for a convolution, ``i`` runs
-    over ``(in_channel, *filter)`` as :func:`jax.lax.conv_general_dilated_patches` orders
-    its features; for an embedding (a ``V × d`` table ``W``, ``s = Wᵀ e_x``), ``o`` runs over
-    ``d`` and ``i`` over the ``V`` rows. ``output_permutation`` (when the bias is added after
-    ``transpose``s of the layer's output) gives, for each axis of the value at
-    ``output_path``, the axis of the ``op_path`` output it came from. ``clip_indices``: the
-    embedding's gather clamps out-of-range indices instead of dropping them.
-    """
-
-    kind: str
-    weight: int
-    weight_positions: np.ndarray
-    op_path: Path
-    output_path: Path
-    activation: int
-    out_axis: int
-    output_aval: Any
-    contracting: int = 0
-    conv: dict[str, Any] = field(default_factory=dict)
-    bias: int | None = None
-    output_permutation: tuple[int, ...] | None = None
-    clip_indices: bool = False
-
-    def canonical_inputs(self, a: Array) -> Array | TokenInputs:
-        """Return the layer input as ``(N, T, in)``: conv inputs as patches.
-
-        An embedding's indices become :class:`TokenInputs` (no bias: ``_augment`` keeps them).
-        """
-        if self.kind == "embedding":
-            num_classes = self.weight_positions.shape[1]
-            return token_inputs(a, num_classes, self.clip_indices, self.output_aval.dtype)
-        if self.kind == "dense":
-            a = jnp.moveaxis(a, self.contracting, -1)
-            return a.reshape(a.shape[0], -1, a.shape[-1])
-        patches = jax.lax.conv_general_dilated_patches(a, **self.conv)
-        return self._positions_last(patches, 0)
-
-    def canonical_output_grads(self, g: Array) -> Array:
-        """Return output gradients ``(C', *output.shape)`` as ``(C', N, T, out)``."""
-        if self.output_permutation is not None:  # back to the op's output layout
-            g = jnp.transpose(g, (0, *(1 + np.argsort(self.output_permutation))))
-        if self.kind != "conv":
-            g = jnp.moveaxis(g, 1 + self.out_axis, -1)
-            return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
-        return self._positions_last(g, 1)
-
-    def _positions_last(self, x: Array, lead: int) -> Array:
-        """Order a conv-output-layout array (after ``lead`` axes) as ``(..., N, T, features)``."""
-        batch, feature, *spatial = self.conv["dimension_numbers"].out_spec
-        order = [*range(lead), *(lead + d for d in (batch, *spatial, feature))]
-        x = jnp.transpose(x, order)
-        return x.reshape(*x.shape[: lead + 1], -1, x.shape[-1])
 
 
 @dataclass
@@ -124,18 +60,6 @@ class _Output:
         if self.permutation is None:
             return self.site.out_axis
         return self.permutation.index(self.site.out_axis)
-
-
-def _nested(eqn: JaxprEqn) -> tuple[Jaxpr, Sequence[Any]] | None:
-    """Return the jaxpr (and its constants) that a call-like equation runs, else ``None``."""
-    if eqn.primitive.name not in _CALLS:
-        return None
-    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    if isinstance(inner, ClosedJaxpr):
-        return inner.jaxpr, inner.consts
-    if isinstance(inner, Jaxpr) and not inner.constvars:
-        return inner, ()
-    return None
 
 
 def _rearranged(eqn: JaxprEqn, index: np.ndarray) -> np.ndarray | None:
@@ -417,49 +341,3 @@ def find_sites(jaxpr: Jaxpr, names: Sequence[str], sizes: Sequence[int]) -> list
     search = LayerSearch(names, sizes)
     search.run(jaxpr)
     return search.owned_sites()
-
-
-def replay(
-    closed: ClosedJaxpr,
-    args: Sequence[Array],
-    sites: Sequence[Site],
-    deltas: Sequence[Array],
-) -> tuple[list[Array], list[Array]]:
-    """Evaluate ``closed`` on ``args``, adding ``deltas[k]`` to site ``k``'s output.
-
-    Returns the jaxpr's outputs and each site's input activation. Nested jaxprs are
-    replayed only where they contain a site; everything else is bound as traced.
-    """
-    taps = {site.op_path: k for k, site in enumerate(sites)}
-    perturbations = {site.output_path: k for k, site in enumerate(sites)}
-    prefixes = {path[:d] for path in (*taps, *perturbations) for d in range(1, len(path))}
-    recorded: list[Array] = [None] * len(sites)
-
-    def evaluate(jaxpr: Jaxpr, consts: Sequence[Array], values: Sequence[Array], path: Path):
-        env: dict[Var, Array] = dict(zip(jaxpr.constvars, consts, strict=True))
-        env.update(zip(jaxpr.invars, values, strict=True))
-
-        def read(var: Any) -> Array:
-            return var.val if isinstance(var, Literal) else env[var]
-
-        for i, eqn in enumerate(jaxpr.eqns):
-            here = path + (i,)
-            ins = [read(v) for v in eqn.invars]
-            if here in taps:
-                recorded[taps[here]] = ins[sites[taps[here]].activation]
-            if here in prefixes:
-                inner, inner_consts = _nested(eqn)
-                outs = evaluate(inner, inner_consts, ins, here)
-            else:
-                with eqn.ctx.manager:
-                    outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-                outs = outs if eqn.primitive.multiple_results else [outs]
-            if here in perturbations:
-                outs = [outs[0] + deltas[perturbations[here]]]
-            env.update(
-                (v, o) for v, o in zip(eqn.outvars, outs, strict=True) if not isinstance(v, DropVar)
-            )
-        return [read(v) for v in jaxpr.outvars]
-
-    outputs = evaluate(closed.jaxpr, closed.consts, args, ())
-    return outputs, recorded

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cola_curvature.backends.jax.jaxpr_layers import Site, find_sites, replay
+from cola_curvature.backends.jax.jaxpr_layers import find_sites
+from cola_curvature.backends.jax.jaxpr_replay import replay
+from cola_curvature.backends.jax.jaxpr_sites import Site
 from cola_curvature.backends.jax.state import JaxExampleRandom
 from cola_curvature.kfac_statistics.moments import (
     BatchStatistics,
