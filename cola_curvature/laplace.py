@@ -26,7 +26,6 @@ from cola_curvature.laplace_evidence import (
     prior_terms,
 )
 from cola_curvature.laplace_predictive import (
-    PROBABILITY_METHODS,
     class_probabilities,
     glm_predictive,
 )
@@ -38,6 +37,13 @@ from cola_curvature.operators._bound import DataBound
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
+from cola_curvature.options import (
+    LaplaceCurvature,
+    PredictiveMethod,
+    SubsetOfWeights,
+    Uncovered,
+    parse_option,
+)
 from cola_curvature.types import Array
 from dispatch_rules.logdet import shifted_quadrature
 from dispatch_rules.sqrt import inverse_factor
@@ -120,7 +126,7 @@ class Laplace(DataBound):
         loss_func: Any,
         params: Any,
         data: Iterable[tuple[Any, Any]],
-        curvature: str | KroneckerFactored | CurvatureOperator = "kfac",
+        curvature: str | LaplaceCurvature | KroneckerFactored | CurvatureOperator = "kfac",
         prior_precision: float = 1.0,
         sigma_noise: float = 1.0,
         temperature: float = 1.0,
@@ -128,9 +134,9 @@ class Laplace(DataBound):
         rank: int = 10,
         symmetry_groups: Any = "orthogonal-rows",
         distributed: bool = False,
-        uncovered: str = "error",
+        uncovered: str | Uncovered = "error",
         separate_weight_and_bias: bool = False,
-        subset_of_weights: str = "all",
+        subset_of_weights: str | SubsetOfWeights = "all",
         subnetwork: Any = None,
     ) -> None:
         self._bind(model, loss_func, params, data, distributed=distributed)
@@ -346,7 +352,11 @@ class Laplace(DataBound):
         return glm_predictive(self._backend, self.posterior_precision(), inputs, self._indices)
 
     def predictive_probabilities(
-        self, inputs: Any, method: str = "probit", num_samples: int = 100, seed: int = 0
+        self,
+        inputs: Any,
+        method: str | PredictiveMethod = "probit",
+        num_samples: int = 100,
+        seed: int = 0,
     ) -> Array:
         """Return class probabilities of the GLM predictive (classification only).
 
@@ -357,8 +367,7 @@ class Laplace(DataBound):
         """
         if self.regression:
             raise ValueError("predictive_probabilities is for classification losses.")
-        if method not in PROBABILITY_METHODS:
-            raise ValueError(f"method must be 'probit' or 'mc', got {method!r}.")
+        method = parse_option(PredictiveMethod, method, "method")
         mean, covariance = self.predictive(inputs)
         return class_probabilities(
             self._backend, self._loss, mean, covariance, method, num_samples, seed

@@ -37,6 +37,7 @@ from cola_curvature.operators.kronecker_blocks import DiagonalBlock, KroneckerBl
 from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
 from cola_curvature.operators.symmetry import SymmetryCurvature
+from cola_curvature.options import LaplaceCurvature
 from cola_curvature.types import Array
 
 #: What an index subnetwork's curvature can be: a submatrix of the exact GGN or its diagonal.
@@ -156,16 +157,17 @@ def _symmetry(request: CurvatureRequest) -> KroneckerFactored:
 
 
 #: How each named curvature is built.
-BUILDERS: dict[str, Callable[[CurvatureRequest], LinearOperator]] = {
-    "kfac": _kronecker(KFAC),
-    "ekfac": _kronecker(EKFAC),
-    "diag": _diagonal,
-    "full": _full,
-    "ggn": _ggn,
-    "lowrank": _low_rank,
-    "symmetry": _symmetry,
+BUILDERS: dict[LaplaceCurvature, Callable[[CurvatureRequest], LinearOperator]] = {
+    LaplaceCurvature.KFAC: _kronecker(KFAC),
+    LaplaceCurvature.EKFAC: _kronecker(EKFAC),
+    LaplaceCurvature.DIAG: _diagonal,
+    LaplaceCurvature.FULL: _full,
+    LaplaceCurvature.GGN: _ggn,
+    LaplaceCurvature.LOWRANK: _low_rank,
+    LaplaceCurvature.SYMMETRY: _symmetry,
 }
-CURVATURES = tuple(BUILDERS)
+#: The curvature names, as strings.
+CURVATURES = tuple(name.value for name in LaplaceCurvature)
 
 
 def logdet_algorithm(slq: SLQ | None, size: int) -> Algorithm:
@@ -205,14 +207,16 @@ def build_curvature(
                 f"{type(curvature).__name__} is not, and log det P would be undefined."
             )
         return ShiftedCurvature(curvature, 0.0, 1.0)
-    if curvature not in CURVATURES:
+    try:
+        curvature = LaplaceCurvature(curvature)
+    except ValueError:
         raise ValueError(
             f"Unsupported curvature {curvature!r}; expected one of {CURVATURES} or a "
             "KroneckerFactored operator."
-        )
+        ) from None
     if request.indices is not None and curvature not in INDEX_SUBSET_CURVATURES:
         raise ValueError(
-            f"curvature {curvature!r} cannot be restricted to an index subnetwork (only "
+            f"curvature {curvature.value!r} cannot be restricted to an index subnetwork (only "
             f"{INDEX_SUBSET_CURVATURES}); pass whole tensors as subnetwork=[...] instead."
         )
     return BUILDERS[curvature](request)

@@ -14,9 +14,8 @@ from cola.ops import LinearOperator
 
 from cola_curvature.backends._protocol import CurvatureBackend
 from cola_curvature.losses import BCEWithLogits
+from cola_curvature.options import PredictiveMethod
 from cola_curvature.types import Array
-
-PROBABILITY_METHODS = ("probit", "mc")
 
 
 def glm_predictive(
@@ -45,7 +44,7 @@ def class_probabilities(
     loss: Any,
     mean: Array,
     covariance: Array,
-    method: str,
+    method: PredictiveMethod,
     num_samples: int,
     seed: int,
 ) -> Array:
@@ -56,12 +55,7 @@ def class_probabilities(
     ``z ~ N(0, I)``, ``L Lᵀ = Σ_f`` (a jitter of ``1e-10 · max diag`` keeps ``L`` real).
     For ``BCEWithLogits`` the sigmoid replaces the softmax, which otherwise runs over the
     class axis 1 at each position.
-
-    Raises:
-        ValueError: for a method other than ``"probit"`` and ``"mc"``.
     """
-    if method not in PROBABILITY_METHODS:
-        raise ValueError(f"method must be 'probit' or 'mc', got {method!r}.")
     xnp = cola.backends.get_library_fns(mean.dtype)
 
     def link(f: Array, class_axis: int) -> Array:
@@ -69,7 +63,7 @@ def class_probabilities(
             return 1 / (1 + xnp.exp(-f))
         return xnp.softmax(f, axis=class_axis)
 
-    if method == "probit":
+    if method is PredictiveMethod.PROBIT:
         variances = xnp.stack([covariance[n].diagonal() for n in range(mean.shape[0])])
         return link(mean / xnp.sqrt(1 + math.pi / 8 * variances.reshape(mean.shape)), 1)
     size = covariance.shape[-1]

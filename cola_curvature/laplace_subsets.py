@@ -19,9 +19,8 @@ from cola.backends import get_library_fns
 
 from cola_curvature.backends._protocol import CurvatureBackend
 from cola_curvature.operators._base import CurvatureOperator
+from cola_curvature.options import SubsetOfWeights, parse_option
 from cola_curvature.types import Array
-
-SUBSETS = ("all", "last_layer", "subnetwork")
 
 
 @dataclass(frozen=True)
@@ -58,17 +57,16 @@ def select_parameters(
             another subset or missing for ``"subnetwork"``, an empty subset, indices out of
             range or repeated, and tensors that are not entries of ``params``.
     """
-    if subset_of_weights not in SUBSETS:
-        raise ValueError(f"subset_of_weights must be one of {SUBSETS}, got {subset_of_weights!r}.")
-    if (subnetwork is not None) != (subset_of_weights == "subnetwork"):
+    subset_of_weights = parse_option(SubsetOfWeights, subset_of_weights, "subset_of_weights")
+    if (subnetwork is not None) != (subset_of_weights is SubsetOfWeights.SUBNETWORK):
         raise ValueError(
             "subnetwork goes with subset_of_weights='subnetwork' (and only with it); got "
             f"subset_of_weights={subset_of_weights!r} and subnetwork "
             f"{'None' if subnetwork is None else 'given'}."
         )
-    if subset_of_weights == "all":
+    if subset_of_weights is SubsetOfWeights.ALL:
         return ParameterSelection(None, None)
-    if subset_of_weights == "last_layer":
+    if subset_of_weights is SubsetOfWeights.LAST_LAYER:
         return ParameterSelection(last_layer_leaves(backend, model, data), None)
     tensors = isinstance(subnetwork, (list, tuple)) and len(subnetwork) > 0
     if tensors and all(hasattr(t, "shape") for t in subnetwork):  # else indices, e.g. [0, 3]

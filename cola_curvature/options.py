@@ -148,3 +148,48 @@ def parse_option(enum: type[Enum], value: Any, what: str) -> Any:
         spellings = getattr(enum, "accepted_spellings", lambda: [m.value for m in enum])()
         valid = ", ".join(repr(spelling) for spelling in spellings)
         raise ValueError(f"Unsupported {what} {value!r}; expected one of {valid}.") from None
+
+
+class OnFailure(str, Enum):
+    """What an iterative method does when it stops above its tolerance.
+
+    WARN: return the last iterate with a ``ConvergenceWarning``; RAISE: raise
+    ``ConvergenceError`` (outside compiled code).
+    """
+
+    WARN = "warn"
+    RAISE = "raise"
+
+
+class SubsetOfWeights(str, Enum):
+    """Which parameters a Laplace posterior covers.
+
+    ALL: every entry of ``params``; LAST_LAYER: the last layer's; SUBNETWORK: the chosen
+    tensors or indices.
+    """
+
+    ALL = "all"
+    LAST_LAYER = "last_layer"
+    SUBNETWORK = "subnetwork"
+
+
+class PredictiveMethod(str, Enum):
+    """How class probabilities are taken from a Gaussian over logits.
+
+    PROBIT: MacKay's probit approximation; MC: an average over sampled logits.
+    """
+
+    PROBIT = "probit"
+    MC = "mc"
+
+
+class LaplaceCurvature(str, Enum):
+    """The curvature names a Laplace posterior is built from (see ``laplace_curvatures``)."""
+
+    KFAC = "kfac"
+    EKFAC = "ekfac"
+    DIAG = "diag"
+    FULL = "full"
+    GGN = "ggn"
+    LOWRANK = "lowrank"
+    SYMMETRY = "symmetry"

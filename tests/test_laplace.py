@@ -144,7 +144,7 @@ def test_probit_probabilities_are_a_distribution_and_shrink_confidence():
     sampled = laplace.predictive_probabilities(X, method="mc", num_samples=20000, seed=1)
     assert torch.allclose(sampled.sum(-1), torch.ones(X.shape[0], dtype=F64))
     assert (sampled - probabilities).abs().max() < 0.05
-    with pytest.raises(ValueError, match="'probit' or 'mc'"):
+    with pytest.raises(ValueError, match="expected one of 'probit', 'mc'"):
         laplace.predictive_probabilities(X, method="laplace-bridge")
 
 

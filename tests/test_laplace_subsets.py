@@ -297,7 +297,11 @@ def test_last_layer_is_the_last_module_run_that_owns_parameters():
 @pytest.mark.parametrize(
     ("subset", "subnetwork", "match"),
     [
-        ("last-layer", None, "subset_of_weights must be one of"),
+        (
+            "last-layer",
+            None,
+            "Unsupported subset_of_weights .*one of .all., .last_layer., .subnetwork.",
+        ),
         ("all", [0, 1], "subnetwork goes with subset_of_weights='subnetwork'"),
         ("subnetwork", None, "subnetwork goes with subset_of_weights='subnetwork'"),
         ("subnetwork", [], "non-empty"),

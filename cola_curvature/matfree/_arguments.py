@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from cola.ops import LinearOperator
 
+from cola_curvature.options import OnFailure, parse_option
+
 #: What an iterative method does when it stops above its tolerance.
-ON_FAILURE = ("warn", "raise")
 
 
 def _is_integer_at_least(value: object, minimum: int) -> bool:
@@ -32,8 +33,7 @@ def check_solver(tol: float, max_iters: int, on_failure: str) -> None:
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}.")
     check_positive("max_iters", max_iters)
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
+    parse_option(OnFailure, on_failure, "on_failure")
 
 
 def check_square(A: LinearOperator) -> None:

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from cola_curvature.options import OnFailure
 from cola_curvature.types import Array
 
 
@@ -26,7 +27,7 @@ class ConvergenceError(RuntimeError):
 
 def report_failure(message: str, on_failure: str) -> None:
     """Warn with :class:`ConvergenceWarning` or raise :class:`ConvergenceError`."""
-    if on_failure == "raise":
+    if on_failure == OnFailure.RAISE:
         raise ConvergenceError(message)
     warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
