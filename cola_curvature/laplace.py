@@ -25,10 +25,7 @@ from cola_curvature.laplace_evidence import (
     negative_log_likelihood,
     prior_terms,
 )
-from cola_curvature.laplace_predictive import (
-    class_probabilities,
-    glm_predictive,
-)
+from cola_curvature.laplace_predictive import PosteriorPredictive
 from cola_curvature.laplace_subsets import index_array, select_parameters
 from cola_curvature.losses import MSE, Reduction
 from cola_curvature.matfree import SLQ
@@ -39,19 +36,16 @@ from cola_curvature.operators.low_rank import DiagonalPlusLowRank
 from cola_curvature.operators.shifted import ShiftedCurvature
 from cola_curvature.options import (
     LaplaceCurvature,
-    PredictiveMethod,
     SubsetOfWeights,
     Uncovered,
-    parse_option,
 )
 from cola_curvature.types import Array
 from dispatch_rules.logdet import shifted_quadrature
-from dispatch_rules.sqrt import inverse_factor
 
 __all__ = ["CURVATURES", "Laplace"]
 
 
-class Laplace(DataBound):
+class Laplace(DataBound, PosteriorPredictive):
     r"""Laplace posterior ``q(θ) = N(θ*, P⁻¹)`` around a MAP estimate ``θ*`` (MacKay, 1992).
 
     The posterior precision is ``P = H / (σ² T) + δ I`` where ``H`` is the GGN of the
@@ -330,63 +324,6 @@ class Laplace(DataBound):
             return [d_log_delta, 0 * sigma_noise]
         likelihood = self._nll * scale - self._num_outputs / self.temperature
         return [d_log_delta, likelihood + d_sigma]
-
-    def predictive(self, inputs: Any) -> tuple[Array, Array]:
-        """Return the linearised (GLM) predictive mean ``f(x)`` and covariance ``J P⁻¹ Jᵀ``.
-
-        Shapes: mean ``(N, C)``, covariance ``(N, C, C)`` of the function values (add
-        ``σ²`` for the observation noise of regression). Outputs with more axes, e.g. a
-        language model's logits ``(N, V, T)``, give the mean in that shape and the joint
-        covariance ``(N, C, C)`` of each input's ``C = V T`` outputs flattened row-major
-        (``reshape(N, -1)``). ``P⁻¹`` (``cola.linalg.inv``) is applied to the ``N C``
-        Jacobian rows (their columns in the subset, if any), never densely; only the
-        per-input ``C × C`` blocks are formed (``O(N C D)`` memory). With ``"ggn"`` every
-        row is a column of one batched CG solve: slow for many inputs.
-        """
-        shape = tuple(getattr(inputs, "shape", ())[1:])
-        if self._input_shape and shape != self._input_shape:
-            raise ValueError(
-                f"inputs have shape {tuple(inputs.shape)}; the training inputs were "
-                f"(N, {', '.join(map(str, self._input_shape))})."
-            )
-        return glm_predictive(self._backend, self.posterior_precision(), inputs, self._indices)
-
-    def predictive_probabilities(
-        self,
-        inputs: Any,
-        method: str | PredictiveMethod = "probit",
-        num_samples: int = 100,
-        seed: int = 0,
-    ) -> Array:
-        """Return class probabilities of the GLM predictive (classification only).
-
-        ``"probit"`` (MacKay, 1992) or ``"mc"`` (``num_samples`` draws): see
-        :func:`~cola_curvature.laplace_predictive.class_probabilities`. The result has the
-        shape of the outputs; for outputs ``(N, C, d_1, …)`` (e.g. a language model's
-        ``(N, V, T)``) the softmax runs over the class axis 1 at each position.
-        """
-        if self.regression:
-            raise ValueError("predictive_probabilities is for classification losses.")
-        method = parse_option(PredictiveMethod, method, "method")
-        mean, covariance = self.predictive(inputs)
-        return class_probabilities(
-            self._backend, self._loss, mean, covariance, method, num_samples, seed
-        )
-
-    def sample(self, num_samples: int, seed: int = 0) -> Array:
-        """Return ``θ* + L z``, ``z ~ N(0, I)``, ``L Lᵀ = P⁻¹``, shape ``(D, num_samples)``.
-
-        ``L`` is :func:`dispatch_rules.sqrt.inverse_factor` of ``P``: ``P^{-1/2}``
-        (``cola.linalg.isqrt``), exact for the Kronecker-factored posteriors and by Lanczos
-        for the matrix-free ones (all samples together, one product with ``num_samples``
-        columns per step); for ``"lowrank"`` the exact ``O(D k²)`` factor of
-        :meth:`DiagonalPlusLowRank.inverse_factor`.
-        """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
-            raise ValueError(f"num_samples must be a non-negative integer, got {num_samples!r}.")
-        like = self._mean[:1]
-        noise = self._backend.random(seed).normal((self._mean.shape[0], num_samples), like)
-        return self._mean[:, None] + inverse_factor(self.posterior_precision()) @ noise
 
     def _resolve(self, prior_precision: Any, sigma_noise: Any) -> tuple[Array, Array]:
         """Return the given hyperparameters (Python numbers as arrays), else the stored ones.

@@ -14,8 +14,9 @@ from cola.ops import LinearOperator
 
 from cola_curvature.backends._protocol import CurvatureBackend
 from cola_curvature.losses import BCEWithLogits
-from cola_curvature.options import PredictiveMethod
+from cola_curvature.options import PredictiveMethod, parse_option
 from cola_curvature.types import Array
+from dispatch_rules.sqrt import inverse_factor
 
 
 def glm_predictive(
@@ -73,3 +74,69 @@ def class_probabilities(
     noise = backend.random(seed).normal((num_samples, mean.shape[0], size, 1), mean)
     samples = mean[None] + (factor[None] @ noise)[..., 0].reshape((num_samples, *mean.shape))
     return link(samples, 2).mean(0)
+
+
+class PosteriorPredictive:
+    """The predictive and the samples of a Laplace posterior ``N(θ*, P⁻¹)``.
+
+    Mixed into :class:`~cola_curvature.Laplace`, which provides ``_backend``, ``_loss``,
+    ``_mean`` (``θ*``), ``_indices``, ``_input_shape``, ``regression`` and
+    ``posterior_precision()``.
+    """
+
+    def predictive(self, inputs: Any) -> tuple[Array, Array]:
+        """Return the linearised (GLM) predictive mean ``f(x)`` and covariance ``J P⁻¹ Jᵀ``.
+
+        Shapes: mean ``(N, C)``, covariance ``(N, C, C)`` of the function values (add
+        ``σ²`` for the observation noise of regression). Outputs with more axes, e.g. a
+        language model's logits ``(N, V, T)``, give the mean in that shape and the joint
+        covariance ``(N, C, C)`` of each input's ``C = V T`` outputs flattened row-major
+        (``reshape(N, -1)``). ``P⁻¹`` (``cola.linalg.inv``) is applied to the ``N C``
+        Jacobian rows (their columns in the subset, if any), never densely; only the
+        per-input ``C × C`` blocks are formed (``O(N C D)`` memory). With ``"ggn"`` every
+        row is a column of one batched CG solve: slow for many inputs.
+        """
+        shape = tuple(getattr(inputs, "shape", ())[1:])
+        if self._input_shape and shape != self._input_shape:
+            raise ValueError(
+                f"inputs have shape {tuple(inputs.shape)}; the training inputs were "
+                f"(N, {', '.join(map(str, self._input_shape))})."
+            )
+        return glm_predictive(self._backend, self.posterior_precision(), inputs, self._indices)
+
+    def predictive_probabilities(
+        self,
+        inputs: Any,
+        method: str | PredictiveMethod = "probit",
+        num_samples: int = 100,
+        seed: int = 0,
+    ) -> Array:
+        """Return class probabilities of the GLM predictive (classification only).
+
+        ``"probit"`` (MacKay, 1992) or ``"mc"`` (``num_samples`` draws): see
+        :func:`~cola_curvature.laplace_predictive.class_probabilities`. The result has the
+        shape of the outputs; for outputs ``(N, C, d_1, …)`` (e.g. a language model's
+        ``(N, V, T)``) the softmax runs over the class axis 1 at each position.
+        """
+        if self.regression:
+            raise ValueError("predictive_probabilities is for classification losses.")
+        method = parse_option(PredictiveMethod, method, "method")
+        mean, covariance = self.predictive(inputs)
+        return class_probabilities(
+            self._backend, self._loss, mean, covariance, method, num_samples, seed
+        )
+
+    def sample(self, num_samples: int, seed: int = 0) -> Array:
+        """Return ``θ* + L z``, ``z ~ N(0, I)``, ``L Lᵀ = P⁻¹``, shape ``(D, num_samples)``.
+
+        ``L`` is :func:`dispatch_rules.sqrt.inverse_factor` of ``P``: ``P^{-1/2}``
+        (``cola.linalg.isqrt``), exact for the Kronecker-factored posteriors and by Lanczos
+        for the matrix-free ones (all samples together, one product with ``num_samples``
+        columns per step); for ``"lowrank"`` the exact ``O(D k²)`` factor of
+        :meth:`DiagonalPlusLowRank.inverse_factor`.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"num_samples must be a non-negative integer, got {num_samples!r}.")
+        like = self._mean[:1]
+        noise = self._backend.random(seed).normal((self._mean.shape[0], num_samples), like)
+        return self._mean[:, None] + inverse_factor(self.posterior_precision()) @ noise
