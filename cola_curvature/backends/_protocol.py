@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
+from cola_curvature.kfac_statistics.moments import SignalRequest
 from cola_curvature.losses import Loss, RandomSource
 from cola_curvature.parameter_layout import ParameterLayout
 from cola_curvature.types import Array, Batch
@@ -122,28 +123,18 @@ class CurvatureBackend(Protocol):
         """Return ``(model, params)`` for a curvature w.r.t. the chosen parameters only."""
 
     def kronecker_statistics(
-        self,
-        batch: Batch,
-        layers: list[Any],
-        num_data: int,
-        fisher_type: Any,
-        kfac_approx: Any,
-        mc_samples: int,
-        rng: RandomSource,
+        self, batch: Batch, request: SignalRequest, kfac_approx: Any, rng: RandomSource
     ) -> Any:
-        """Return one batch's unnormalised KFAC factor statistics per layer."""
+        """Return one batch's unnormalised KFAC factor statistics per layer use."""
 
     def kronecker_eigencorrections(
         self,
         batch: Batch,
-        layers: list[Any],
-        num_data: int,
-        fisher_type: Any,
-        mc_samples: int,
+        request: SignalRequest,
         rng: RandomSource,
         bases: dict[str, tuple[Array, Array]],
     ) -> dict[str, Array]:
-        """Return one batch's EKFAC eigenvalue corrections per layer."""
+        """Return one batch's EKFAC eigenvalue corrections per layer (shared weights too)."""
 
     def batch_size(self, inputs: Any) -> int:
         """Return the number of examples in a batch of inputs."""

@@ -105,6 +105,24 @@ def _augment(a: Array, layer: Any) -> Array:
     return xnp.moveaxis(xnp.concat([features, xnp.ones_like(features[:1])], axis=0), 0, -1)
 
 
+@dataclass(frozen=True)
+class SignalRequest:
+    """What a backend captures per layer for KFAC and EKFAC, batch after batch.
+
+    Attributes:
+        layers: The layers (a shared weight's uses included: backends run
+            :func:`~cola_curvature.kfac_statistics.shared_weights.use_layers` on them).
+        num_data: ``N``, for the loss scaling ``R``.
+        fisher_type: Which output cotangents are back-propagated.
+        mc_samples: Samples per example for the Monte-Carlo Fisher.
+    """
+
+    layers: tuple[Any, ...]
+    num_data: int
+    fisher_type: FisherType
+    mc_samples: int
+
+
 @dataclass
 class BatchStatistics:
     """Unnormalised KFAC statistics of one batch, per layer name.

@@ -6,6 +6,7 @@ from typing import Any
 
 from cola.backends import get_library_fns
 
+from cola_curvature.kfac_statistics.moments import SignalRequest
 from cola_curvature.operators.kfac import KFAC
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.kronecker_blocks import EigenKronecker
@@ -74,18 +75,13 @@ class EKFAC(KFAC):
         """Return ``S`` per layer, summed over all batches (second pass over the data)."""
         backend, options = self._backend, self._build_options
         totals: dict[str, Array] = {}
+        request = SignalRequest(
+            tuple(self.layers), self.num_data, self.fisher_type, options["mc_samples"]
+        )
         with backend.preserved_state():
             batches = self._data.sampled_batches("EKFAC eigenvalues", options["seed"])
             for batch, rng in batches:
-                corrections = backend.kronecker_eigencorrections(
-                    batch,
-                    self.layers,
-                    self.num_data,
-                    self.fisher_type,
-                    options["mc_samples"],
-                    rng,
-                    bases,
-                )
+                corrections = backend.kronecker_eigencorrections(batch, request, rng, bases)
                 for name, value in corrections.items():
                     totals[name] = totals.get(name, 0) + value
         return {name: self._data.combine(value) for name, value in totals.items()}

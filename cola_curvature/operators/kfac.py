@@ -10,6 +10,7 @@ from cola.backends import get_library_fns
 
 from cola_curvature._checks import check_mc_samples
 from cola_curvature.backends import CurvatureBackend
+from cola_curvature.kfac_statistics.moments import SignalRequest
 from cola_curvature.kfac_statistics.shared_weights import (
     SharedWeightLayer,
     nearest_kronecker,
@@ -62,11 +63,10 @@ def kronecker_factors(
     input_sums: dict[str, Array] = {}
     output_sums: dict[str, Array] = {}
     positions: dict[str, int] = {}
+    request = SignalRequest(tuple(layers), data.num_data, fisher_type, mc_samples)
     with backend.preserved_state():
         for batch, rng in data.sampled_batches("KFAC factors", seed):
-            stats = backend.kronecker_statistics(
-                batch, use_layers(layers), data.num_data, fisher_type, kfac_approx, mc_samples, rng
-            )
+            stats = backend.kronecker_statistics(batch, request, kfac_approx, rng)
             for name, moment in stats.input_moments.items():
                 if positions.setdefault(name, stats.positions[name]) != stats.positions[name]:
                     raise ValueError(

@@ -17,6 +17,7 @@ from cola_curvature.backends._protocol import require_loss
 from cola_curvature.backends.jax import kfac, products
 from cola_curvature.backends.jax.layout import ARRAYS, pytree_layout
 from cola_curvature.backends.jax.state import JaxExampleRandom, JaxRandom
+from cola_curvature.kfac_statistics.moments import SignalRequest
 from cola_curvature.kfac_statistics.shared_weights import use_layers
 from cola_curvature.losses import SUPPORTED_LOSSES, Loss
 from cola_curvature.options import FisherType, KFACApprox
@@ -224,58 +225,50 @@ class JaxBackend:
         inputs = next(iter(data))[0]
         return kfac.kronecker_layers(self._model_fn, self._params, self._names, inputs)
 
-    def _signal_options(
-        self,
-        layers: Sequence[kfac.JaxKroneckerLayer],
-        num_data: int,
-        fisher_type: FisherType,
-        mc_samples: int,
-    ) -> kfac.SignalOptions:
-        """Return the static options of the compiled KFAC programs."""
+    def _signal_options(self, request: SignalRequest) -> kfac.SignalOptions:
+        """Return the static options of the compiled KFAC programs (uses of shared weights)."""
         return kfac.SignalOptions(
             self._model_fn,
             self.loss,
             tuple(self._names),
-            tuple(layers),
-            num_data,
-            fisher_type,
-            mc_samples,
+            tuple(use_layers(request.layers)),
+            request.num_data,
+            request.fisher_type,
+            request.mc_samples,
         )
 
     def kronecker_statistics(
         self,
         batch: tuple[Any, Any],
-        layers: Sequence[kfac.JaxKroneckerLayer],
-        num_data: int,
-        fisher_type: FisherType,
+        request: SignalRequest,
         kfac_approx: KFACApprox,
-        mc_samples: int,
         rng: JaxExampleRandom,
     ) -> Any:
-        """Return one batch's unnormalised KFAC factor statistics per layer (compiled)."""
+        """Return one batch's unnormalised KFAC factor statistics per layer use (compiled)."""
         inputs, targets = batch
-        options = self._signal_options(layers, num_data, fisher_type, mc_samples)
-        rng = rng if fisher_type is FisherType.MC else None
+        rng = rng if request.fisher_type is FisherType.MC else None
         return kfac.kronecker_statistics(
-            self._params, inputs, targets, rng, options=options, kfac_approx=kfac_approx
+            self._params,
+            inputs,
+            targets,
+            rng,
+            options=self._signal_options(request),
+            kfac_approx=kfac_approx,
         )
 
     def kronecker_eigencorrections(
         self,
         batch: tuple[Any, Any],
-        layers: Sequence[kfac.JaxKroneckerLayer],
-        num_data: int,
-        fisher_type: FisherType,
-        mc_samples: int,
+        request: SignalRequest,
         rng: JaxExampleRandom,
         bases: dict[str, tuple[Array, Array]],
     ) -> dict[str, Array]:
         """Return one batch's EKFAC eigenvalue corrections per layer (compiled)."""
         inputs, targets = batch
-        options = self._signal_options(use_layers(layers), num_data, fisher_type, mc_samples)
-        rng = rng if fisher_type is FisherType.MC else None
+        rng = rng if request.fisher_type is FisherType.MC else None
+        options = self._signal_options(request)
         return kfac.kronecker_eigencorrections(
-            self._params, inputs, targets, rng, bases, options=options, layers=tuple(layers)
+            self._params, inputs, targets, rng, bases, options=options, layers=request.layers
         )
 
     def parameter_subset(self, indices: Sequence[int]) -> tuple[Callable, list[Array]]:

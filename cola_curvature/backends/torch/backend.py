@@ -277,53 +277,43 @@ class TorchBackend:
         """Return the model and the chosen entries of ``params`` (the user's tensors)."""
         return self._model, [self._params[i] for i in indices]
 
+    def _layer_signals(
+        self, batch: tuple[Any, Any], request: statistics.SignalRequest, rng: TorchExampleRandom
+    ) -> statistics.LayerSignals:
+        """Return one batch's signals of every layer use (shared weights' uses separately)."""
+        return kfac.layer_signals(
+            self._model_fn(),
+            self._params,
+            shared_weights.use_layers(request.layers),
+            batch,
+            self.loss,
+            request.num_data,
+            request.fisher_type,
+            request.mc_samples,
+            rng,
+        )
+
     def kronecker_statistics(
         self,
         batch: tuple[Any, Any],
-        layers: Sequence[kfac.KroneckerLayer],
-        num_data: int,
-        fisher_type: FisherType,
+        request: statistics.SignalRequest,
         kfac_approx: KFACApprox,
-        mc_samples: int,
         rng: TorchExampleRandom,
     ) -> statistics.BatchStatistics:
-        """Return one batch's unnormalised KFAC factor statistics per layer."""
-        signals = kfac.layer_signals(
-            self._model_fn(),
-            self._params,
-            layers,
-            batch,
-            self.loss,
-            num_data,
-            fisher_type,
-            mc_samples,
-            rng,
-        )
+        """Return one batch's unnormalised KFAC factor statistics per layer use."""
+        signals = self._layer_signals(batch, request, rng)
         return statistics.batch_statistics(signals, kfac_approx)
 
     def kronecker_eigencorrections(
         self,
         batch: tuple[Any, Any],
-        layers: Sequence[kfac.KroneckerLayer],
-        num_data: int,
-        fisher_type: FisherType,
-        mc_samples: int,
+        request: statistics.SignalRequest,
         rng: TorchExampleRandom,
         bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
         """Return one batch's EKFAC eigenvalue corrections per layer (shared weights too)."""
-        signals = kfac.layer_signals(
-            self._model_fn(),
-            self._params,
-            shared_weights.use_layers(layers),
-            batch,
-            self.loss,
-            num_data,
-            fisher_type,
-            mc_samples,
-            rng,
-        )
-        return shared_weights.layer_eigencorrections(signals, layers, bases)
+        signals = self._layer_signals(batch, request, rng)
+        return shared_weights.layer_eigencorrections(signals, request.layers, bases)
 
     def batch_size(self, inputs: Any) -> int:
         """Return ``inputs.shape[0]``; other inputs need a ``batch_size_fn``."""
