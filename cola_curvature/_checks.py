@@ -102,10 +102,15 @@ def batches_equal(first: Any, second: Any) -> bool:
 
 
 def _check_twin(batch: Any, twin: Iterator[Any] | None) -> None:
-    """Raise ``RuntimeError`` unless the twin pass over the data yields the same batch."""
+    """Raise ``RuntimeError`` unless the twin pass over the data yields the same batch.
+
+    ``batch`` is ``None`` after the last batch: the twin must be exhausted too.
+    """
     if twin is None:
         return
-    if not batches_equal(batch, next(twin, None)):
+    other = next(twin, None)
+    same = other is None if batch is None else batches_equal(batch, other)
+    if not same:
         raise RuntimeError(f"Two passes over data gave different batches. {NONDETERMINISM_CAUSES}")
 
 
@@ -135,8 +140,7 @@ def checked_example_count(
         backend.check_batch((inputs, targets))
         counted += _checked_batch_size(batch_size_fn(inputs), targets, index)
         _check_twin(batch, twin)
-    if twin is not None and next(twin, None) is not None:
-        raise RuntimeError(f"Two passes over data gave different batches. {NONDETERMINISM_CAUSES}")
+    _check_twin(None, twin)
     return counted
 
 

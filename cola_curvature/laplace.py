@@ -169,7 +169,6 @@ class Laplace(DataBound, PosteriorPredictive):
             # MSELoss('sum') is Σ (f - y)², twice the unit-variance Gaussian NLL
             nll_scale=0.5 if self.regression else 1.0,
             indices=self._indices,
-            distributed=distributed,
             rank=rank,
             symmetry_groups=symmetry_groups,
             uncovered=uncovered,

@@ -28,6 +28,7 @@ from cola.ops import LinearOperator
 from cola_curvature.laplace_subsets import dense_submatrix
 from cola_curvature.matfree import SLQ
 from cola_curvature.operators._base import CurvatureOperator
+from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators.diagonal import DiagonalCurvature
 from cola_curvature.operators.ekfac import EKFAC
 from cola_curvature.operators.ggn import GGN
@@ -49,6 +50,8 @@ class CurvatureRequest:
     """What a builder needs: the problem (the loss summed) and the Laplace options.
 
     Attributes:
+        data: The Laplace posterior's counted and checked :class:`CurvatureData` (its
+            process group included): the operators built on it read nothing again.
         nll_scale: ``½`` for ``MSELoss`` (twice the unit-variance NLL), else ``1``.
         indices: Positions of an index subnetwork in the flattened ``params``, or ``None``.
     """
@@ -56,10 +59,9 @@ class CurvatureRequest:
     model: Any
     loss: Any
     params: Any
-    data: Any
+    data: CurvatureData
     nll_scale: float
     indices: Array | None
-    distributed: bool
     rank: int
     symmetry_groups: Any
     uncovered: str
@@ -67,7 +69,7 @@ class CurvatureRequest:
 
     def ggn(self) -> GGN:
         """Return the exact GGN of the loss, matrix-free."""
-        return GGN(self.model, self.loss, self.params, self.data, distributed=self.distributed)
+        return GGN(self.model, self.loss, self.params, self.data)
 
     def diagonal(self) -> DiagonalCurvature:
         """Return the exact diagonal of the GGN of the loss."""
@@ -77,7 +79,6 @@ class CurvatureRequest:
             self.params,
             self.data,
             fisher_type="type-2",
-            distributed=self.distributed,
         )
 
 
@@ -93,7 +94,6 @@ def _kronecker(operator_type: type) -> Callable[[CurvatureRequest], KroneckerFac
             fisher_type="type-2",
             uncovered=request.uncovered,
             separate_weight_and_bias=request.separate_weight_and_bias,
-            distributed=request.distributed,
         ).scaled(request.nll_scale)
 
     return build
@@ -151,7 +151,6 @@ def _symmetry(request: CurvatureRequest) -> KroneckerFactored:
         request.params,
         request.data,
         groups=request.symmetry_groups,
-        distributed=request.distributed,
     )
     return symmetric.scaled(request.nll_scale**2)
 

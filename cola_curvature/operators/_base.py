@@ -96,10 +96,7 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
                     if total is None
                     else [t + c for t, c in zip(total, contribution, strict=True)]
                 )
-        if self._data.process_group is None:
-            return total
-        layout = self._layout  # one all_reduce for all parameters
-        return layout.unflatten(self._data.combine(layout.flatten(total)))
+        return self._data.combine_columns(total)
 
     def _check_deterministic(self) -> None:
         """Raise ``RuntimeError`` when data, model outputs or products are not reproducible.

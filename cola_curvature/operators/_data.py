@@ -65,7 +65,6 @@ class CurvatureData:
         self._progressbar = progressbar
         self._batch_size = batch_size_fn or backend.batch_size
         self._first_example = 0
-        self.distributed = distributed
         #: The ranks the results are summed over (``None`` unless ``distributed``).
         self.process_group: ProcessGroup | None = backend.process_group() if distributed else None
         with backend.preserved_state():
@@ -89,6 +88,13 @@ class CurvatureData:
     def combine(self, partial: Any) -> Any:
         """Return ``partial`` summed over the ranks (itself unless ``distributed``)."""
         return partial if self.process_group is None else self.process_group.sum(partial)
+
+    def combine_columns(self, columns: list[Any]) -> list[Any]:
+        """Return per-parameter columns summed over the ranks, with one ``all_reduce`` for all."""
+        if self.process_group is None:
+            return columns
+        layout = self._backend.layout
+        return layout.unflatten(self.combine(layout.flatten(columns)))
 
     def batches(self, desc: str) -> Iterator[tuple[Any, Any]]:
         """Iterate over the batches, with a progress bar when enabled."""

@@ -119,11 +119,7 @@ class GradientMoments(CurvatureOperator):
                     if total is None
                     else [t + g for t, g in zip(total, gradient, strict=True)]
                 )
-        layout = self._layout  # one all_reduce for all parameters
-        return [
-            c[0]
-            for c in layout.unflatten(self._data.combine(layout.flatten([t[None] for t in total])))
-        ]
+        return [c[0] for c in self._data.combine_columns([t[None] for t in total])]
 
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``(ρ² / N) Σ_n J_nᵀ d_n d_nᵀ J_n V`` on one batch."""

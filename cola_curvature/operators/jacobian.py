@@ -13,6 +13,7 @@ from cola_curvature._tracing import is_abstract
 from cola_curvature.backends import CurvatureBackend, curvature_backend
 from cola_curvature.operators._data import CurvatureData
 from cola_curvature.operators._rectangular import RectangularInterface
+from cola_curvature.parameter_layout import stack_columns
 from cola_curvature.types import Array
 
 
@@ -87,7 +88,7 @@ class OutputJacobian:
                     )
                 blocks.append(jv)
         # (k, B, *f_n) per batch → rows n · C + c
-        return self.layout.xnp.concat([b.reshape(b.shape[0], -1) for b in blocks], axis=1).T
+        return stack_columns(blocks)
 
     def transpose_matmat(self, U: Array) -> Array:
         """Return ``Jᵀ U`` for ``U`` of shape ``(N · C, k)``: one reverse-mode product per batch.
