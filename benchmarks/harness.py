@@ -229,6 +229,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--select", default=None, help="regular expression: measure only matching rows"
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="an earlier harness.json: the tables show our numbers as before → after",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="run the workers in this process (no isolation; for the harness's own test)",
@@ -260,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.add_ratios(record)
     json_path.write_text(json.dumps(record, indent=1))
     report.bar_chart(record, png_path)
-    section = report.markdown(record, args.results_md.parent, json_path, png_path)
+    baseline = None if args.baseline is None else json.loads(args.baseline.read_text())
+    section = report.markdown(record, args.results_md.parent, json_path, png_path, baseline)
     report.splice(args.results_md, section)
     print(section)
     print(f"\n[harness] {record['wall_s']:.0f} s; wrote {json_path}, {png_path}, {args.results_md}")

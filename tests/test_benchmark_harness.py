@@ -68,7 +68,11 @@ def test_report_ratios_and_target_verdicts():
         entry("GGN @ v", "curvlinops", 5.0),
         entry(f"GGN {report.MATRIX_ROW}", "ours", 32.0, columns=8),
     ]
-    jax_rows = [entry("gradient", "plain", 1.0), entry("GGN @ v", "ours", 1.5)]
+    jax_rows = [
+        entry("gradient", "plain", 1.0),
+        entry("GGN @ v", "ours", 1.5),
+        entry("GGN @ v", "plain", 1.2),
+    ]
     record = {
         "models": {
             "cnn": {
@@ -78,9 +82,16 @@ def test_report_ratios_and_target_verdicts():
         }
     }
     report.add_ratios(record)
-    table = report.model_table("cnn", record["models"]["cnn"])
-    # GGN @ v: 1.0 gradients (≤ 1.5 met), 0.4× curvlinops (≤ 0.6 met), JAX 1.5 (≤ 1.3 missed)
+    table = report.model_table(record["models"]["cnn"])
+    # GGN @ v: 1.0 gradients (≤ 1.5 met), 0.4× curvlinops (≤ 0.6 met), JAX 1.5 ÷ 1.2 = 1.25
+    # of the plain JAX product (≤ 1.15 missed)
     assert "| GGN @ v | 1.00 | 2.50 | 0.40 |" in table
-    assert "met (1.00); met (0.40); missed (1.50) |" in table
+    assert "met (1.00); met (0.40); missed (1.25) |" in table
     # 8 columns: 32 s / 8 / 2 s = 2.0 per column, over the 1.0 bound; no curvlinops row
-    assert "missed (2.00); not measured |" in table
+    assert "missed (2.00); not measured; not measured |" in table
+    # against a baseline, our cells read before → after; the peer's stay single
+    before = json.loads(json.dumps(record))
+    before["models"]["cnn"]["torch"]["measurements"]["ours|GGN @ v"]["median_s"] = 3.0
+    report.add_ratios(before)
+    compared = report.model_table(record["models"]["cnn"], before["models"]["cnn"])
+    assert "| GGN @ v | 1.50 → 1.00 | 2.50 | 0.60 → 0.40 |" in compared
