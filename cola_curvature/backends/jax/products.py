@@ -2,7 +2,8 @@
 
 Parameters are a pytree; the ``k`` columns of a product are the same pytree with a
 leading axis ``k`` on every leaf, and each column is mapped with ``jax.vmap`` so the
-primal computation (forward pass, or gradient for the Hessian) runs once for all columns.
+primal computation (forward pass, or gradient for the Hessian) runs once for all columns
+(:func:`map_columns`; a single column runs unmapped).
 Per-example gradients map a batch-of-one ``jax.vjp`` over the examples with ``jax.vmap``.
 """
 
@@ -21,6 +22,20 @@ from cola_curvature.types import Array, PyTree
 
 #: ``(params, inputs) -> outputs``: the user's model.
 ModelFn = Callable[[PyTree, Any], Array]
+
+
+def map_columns(fn: Callable[[Any], Any], columns: Any) -> Any:
+    """Return ``fn`` applied to every column (leading axis) of ``columns``, stacked again.
+
+    Several columns go through ``jax.vmap``; a single column (known when tracing) is
+    squeezed, mapped by ``fn`` and given its axis back: ``vmap`` over one column turns
+    matrix products into batched ones that move about a quarter more memory on XLA's CPU
+    backend (measured on a 784-256-256-10 MLP, same flops).
+    """
+    if all(leaf.shape[0] == 1 for leaf in jax.tree_util.tree_leaves(columns)):
+        column = jax.tree_util.tree_map(lambda leaf: leaf[0], columns)
+        return jax.tree_util.tree_map(lambda leaf: leaf[None], fn(column))
+    return jax.vmap(fn)(columns)
 
 
 def gauss_newton_matmat(
@@ -42,21 +57,21 @@ def gauss_newton_matmat(
     gradients for one column under ``jit``.
     """
     outputs, jvp = jax.linearize(lambda p: model_fn(p, inputs), params)
-    output_columns = output_matmat(outputs, targets, jax.vmap(jvp)(columns), rng)
+    output_columns = output_matmat(outputs, targets, map_columns(jvp, columns), rng)
     vjp = jax.linear_transpose(jvp, params)
-    return jax.vmap(lambda u: vjp(u)[0])(output_columns)
+    return map_columns(lambda u: vjp(u)[0], output_columns)
 
 
 def output_jvp(model_fn: ModelFn, params: PyTree, columns: PyTree, inputs: Any) -> Array:
     """Return ``J V`` of shape ``(k, *f.shape)``: one ``jax.linearize`` mapped over the columns."""
     _, jvp = jax.linearize(lambda p: model_fn(p, inputs), params)
-    return jax.vmap(jvp)(columns)
+    return map_columns(jvp, columns)
 
 
 def output_vjp(model_fn: ModelFn, params: PyTree, cotangents: Array, inputs: Any) -> PyTree:
     """Return ``Jᵀ U`` for cotangents ``U`` of shape ``(k, *f.shape)``: one ``jax.vjp``, mapped."""
     _, vjp = jax.vjp(lambda p: model_fn(p, inputs), params)
-    return jax.vmap(lambda u: vjp(u)[0])(cotangents)
+    return map_columns(lambda u: vjp(u)[0], cotangents)
 
 
 def gradient(
@@ -80,7 +95,7 @@ def hessian_matmat(
     computed once. Cost: about 1.5–2 gradients for one column under ``jit``.
     """
     gradient = jax.grad(lambda p: risk(model_fn(p, inputs), targets))
-    return jax.vmap(lambda v: jax.jvp(gradient, (params,), (v,))[1])(columns)
+    return map_columns(lambda v: jax.jvp(gradient, (params,), (v,))[1], columns)
 
 
 def squared_cotangent_gradients(
