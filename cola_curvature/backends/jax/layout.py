@@ -13,10 +13,16 @@ import jax.numpy as jnp
 from cola_curvature.parameter_layout import ArrayKind, ParameterLayout
 
 
+@jax.jit
+def _finite(x: Any) -> Any:
+    """Return whether ``x`` has no NaN or infinite entry: one compiled reduction, one dispatch."""
+    return jnp.isfinite(x).all()
+
+
 def _all_finite(x: Any) -> bool:
     """Return whether ``x`` has no NaN or infinite entry, evaluated eagerly (also in ``jit``)."""
     with jax.ensure_compile_time_eval():
-        return bool(jnp.isfinite(x).all())
+        return bool(_finite(x))
 
 
 @functools.cache
