@@ -16,6 +16,10 @@ keeps its own) touch another's timings. Inside a worker, all measurements run ro
 call right after an untimed call of the same measurement (see RESULTS.md for why); ratios
 are median ÷ median of the gradient from the same rounds.
 
+FLOPs (torch rows): the floating-point operations of one call's matrix products and
+convolutions, counted below autograd (``measurements.torch_flops``); their ratio to the
+gradient's is the arithmetic floor of a time ratio on a compute-bound model.
+
 Peak memory, measured in the same worker after the timings, one call per measurement:
 torch: the largest net growth of the bytes torch's CPU allocator holds during the call,
 from ``torch.profiler``'s allocation events. These count only what the call allocates, so
@@ -123,6 +127,9 @@ def run_worker(framework: str, model: str, args: argparse.Namespace) -> dict:
         )
         if wanted and row.memory is not None:
             entries[f"{row.impl}|{row.row}"]["peak_mib"] = row.memory()
+    if framework == "torch":
+        for row in rows:
+            entries[f"{row.impl}|{row.row}"]["flops"] = measurements.torch_flops(row.thunk)
     record["measurements"] = entries
     return record
 

@@ -19,6 +19,8 @@ import cola
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import cola_curvature as cc
 from benchmarks.workloads import jax_problem, kfac_params, torch_problem
@@ -356,6 +358,36 @@ def _quiet_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+class _FlopCount(TorchDispatchMode):
+    """Count the floating-point operations of the matrix products and convolutions run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def torch_flops(thunk: Callable[[], object]) -> int:
+    """Return the FLOPs of one call's matrix products and convolutions (an arithmetic floor).
+
+    Counted below autograd and ``vmap`` with the formulas of ``torch.utils.flop_counter``
+    (``mm``, ``bmm``, ``addmm``, convolutions and their backward, attention kernels), so
+    every kernel the call runs is seen with the shapes it runs at; element-wise work,
+    reductions and ``eigh`` are not counted. (``FlopCounterMode`` itself cannot be used: its
+    module hooks break ``autograd.grad`` inside ``vmap``.)
+    """
+    with _FlopCount() as counter:
+        thunk()
+    return counter.total
 
 
 def torch_peak_memory_mib(thunk: Callable[[], object]) -> float | None:

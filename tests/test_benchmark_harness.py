@@ -26,6 +26,8 @@ def test_quick_harness_writes_table_json_and_chart(tmp_path):
     assert all(entry["ratio_median"] > 0 for entry in torch_rows.values())
     assert torch_rows["ours|GGN @ v"]["vs_curvlinops"] > 0
     assert torch_rows["ours|GGN @ v"]["memory_ratio"] > 0
+    # one GGN product multiplies at least as much as the forward pass of the gradient
+    assert torch_rows["ours|GGN @ v"]["flop_ratio"] > 1 / 3
     jax_rows = record["models"]["tiny"]["jax"]["measurements"]
     assert {"plain|gradient", "ours|GGN @ v", "plain|GGN @ v"} <= set(jax_rows)
     text = results.read_text()
@@ -59,14 +61,22 @@ def test_quick_large_writes_table_json_and_chart(tmp_path):
 
 
 def test_report_ratios_and_target_verdicts():
-    def entry(row, impl, seconds, columns=1):
-        return {"row": row, "impl": impl, "columns": columns, "median_s": seconds, "min_s": seconds}
+    def entry(row, impl, seconds, columns=1, flops=None):
+        return {
+            "row": row,
+            "impl": impl,
+            "columns": columns,
+            "median_s": seconds,
+            "min_s": seconds,
+            "flops": flops,
+        }
 
     torch_rows = [
-        entry("gradient", "plain", 2.0),
-        entry("GGN @ v", "ours", 2.0),
+        entry("gradient", "plain", 2.0, flops=10),
+        entry("GGN @ v", "ours", 2.0, flops=15),
         entry("GGN @ v", "curvlinops", 5.0),
-        entry(f"GGN {report.MATRIX_ROW}", "ours", 32.0, columns=8),
+        entry(f"GGN {report.MATRIX_ROW}", "ours", 32.0, columns=8, flops=96),
+        entry("Hessian @ v", "ours", 5.0, flops=20),
     ]
     jax_rows = [
         entry("gradient", "plain", 1.0),
@@ -87,8 +97,11 @@ def test_report_ratios_and_target_verdicts():
     # of the plain JAX product (≤ 1.15 missed)
     assert "| GGN @ v | 1.00 | 2.50 | 0.40 |" in table
     assert "met (1.00); met (0.40); missed (1.25) |" in table
-    # 8 columns: 32 s / 8 / 2 s = 2.0 per column, over the 1.0 bound; no curvlinops row
-    assert "missed (2.00); not measured; not measured |" in table
+    # 8 columns: 32 s / 8 / 2 s = 2.0 per column, over the 1.0 bound, as are its FLOPs
+    # (96 / 8 / 10 = 1.2): the verdict names that arithmetic floor; no curvlinops row
+    assert "missed (2.00; FLOPs 1.20); not measured; not measured |" in table
+    # Hessian @ v: 2.5 gradients over the 2.2 bound with FLOPs 2.0 under it: a plain miss
+    assert "| Hessian @ v | 2.50 |" in table and "missed (2.50); not measured" in table
     # against a baseline, our cells read before → after; the peer's stay single
     before = json.loads(json.dumps(record))
     before["models"]["cnn"]["torch"]["measurements"]["ours|GGN @ v"]["median_s"] = 3.0
