@@ -153,7 +153,7 @@ class KroneckerFactored(BlockDiag):
         if self._compiled_product is None:
             self._compiled_product = _compiled_product(self)
         if self._compiled_product is False:
-            return _permuted_product(self.blocks, self.permutation, self.inverse_permutation, X)
+            return _permuted_product(self, self.permutation, self.inverse_permutation, X)
         leaves, _ = self.xnp.tree_flatten(self._product_arguments())
         return self._compiled_product(leaves, X)
 
@@ -172,10 +172,10 @@ class KroneckerFactored(BlockDiag):
 
 
 def _permuted_product(
-    blocks: Sequence[LinearOperator], permutation: Array, inverse_permutation: Array, X: Array
+    blocks: BlockDiag, permutation: Array, inverse_permutation: Array, X: Array
 ) -> Array:
     """Return ``P BlockDiag(B) Pᵀ X``: gather, one product per block, scatter back."""
-    return BlockDiag(*blocks)._matmat(X[permutation])[inverse_permutation]
+    return BlockDiag._matmat(blocks, X[permutation])[inverse_permutation]
 
 
 def _compiled_product(op: KroneckerFactored) -> Callable[[list, Array], Array] | bool:
@@ -188,7 +188,8 @@ def _compiled_product(op: KroneckerFactored) -> Callable[[list, Array], Array] |
     _, structure = xnp.tree_flatten(op._product_arguments())
 
     def product(leaves: list, X: Array) -> Array:
-        return _permuted_product(*xnp.tree_unflatten(structure, leaves), X)
+        blocks, permutation, inverse_permutation = xnp.tree_unflatten(structure, leaves)
+        return _permuted_product(BlockDiag(*blocks), permutation, inverse_permutation, X)
 
     compiled = xnp.jit(product)
     return False if compiled is product else compiled
