@@ -41,6 +41,15 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
             deterministic (a second pass over the data beside the counting pass, two
             forward passes, two products; identical results).
             Needs values: pass ``False`` when building the operator inside ``jax.jit``.
+        compile: torch: run each batch's product through ``torch.compile`` (see
+            :mod:`~cola_curvature.backends.torch.compiled`): one program per operator,
+            column count and batch shape, compiled on first use (tens of seconds; with
+            ``check_deterministic`` that is at construction), after which products run
+            about 10-25 % faster on small models; off by default since the compile time
+            outweighs that for a few hundred products or fewer. Needs forward-mode AD
+            (GGN, empirical Fisher) or ``torch.func``-compatible double backward (Hessian);
+            else the product raises ``NotImplementedError``. JAX: accepted and changes
+            nothing (products are always ``jax.jit``-compiled).
         **data_options: ``num_data``, ``batch_size_fn``, ``progressbar`` (over the batches
             of each product), ``distributed`` (every product is summed over the ranks, one
             ``all_reduce``), as for every data-bound operator
@@ -59,8 +68,11 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
         data: Iterable[tuple[Any, Any]],
         *,
         check_deterministic: bool = True,
+        compile: bool = False,
         **data_options: Any,
     ) -> None:
+        #: Whether each batch's product runs a compiled program (the ``compile`` option).
+        self._compile = compile
         self._bind(
             model, loss_func, params, data, check_deterministic=check_deterministic, **data_options
         )
