@@ -68,3 +68,32 @@ def test_jax_accepts_compile_and_changes_nothing():
     args = (lambda w, x: x @ w, loss, weights, data)
     v = jnp.arange(6.0)
     assert np.allclose(cc.GGN(*args, compile=True) @ v, cc.GGN(*args) @ v, rtol=0, atol=0)
+
+
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _SquaredLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2).to(F64)
+
+    def forward(self, x):
+        return _Square.apply(self.linear(x))
+
+
+@pytest.mark.parametrize("operator", [cc.GGN, cc.Hessian])
+def test_compile_refuses_custom_autograd_functions(operator):
+    model = _SquaredLinear()
+    data = [(torch.randn(4, 3, dtype=F64), torch.randint(0, 2, (4,)))]
+    with pytest.raises(NotImplementedError, match="_Square"):
+        operator(model, nn.CrossEntropyLoss(), list(model.parameters()), data, compile=True)

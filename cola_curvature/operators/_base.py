@@ -45,11 +45,12 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
             :mod:`~cola_curvature.backends.torch.compiled`): one program per operator,
             column count and batch shape, compiled on first use (tens of seconds; with
             ``check_deterministic`` that is at construction), after which products run
-            about 10-25 % faster on small models; off by default since the compile time
-            outweighs that for a few hundred products or fewer. Needs forward-mode AD
-            (GGN, empirical Fisher) or ``torch.func``-compatible double backward (Hessian);
-            else the product raises ``NotImplementedError``. JAX: accepted and changes
-            nothing (products are always ``jax.jit``-compiled).
+            up to 1.6 times faster (Hessian on the benchmark MLP, CNN and transformer; the
+            Gauss-Newton types only on the transformer, see the README); off by default
+            since the compile time outweighs that for a few hundred products or fewer.
+            Raises ``NotImplementedError`` for models with custom ``autograd.Function``s and
+            models ``torch.func`` or the compiler cannot handle, and for ``FisherMC``. JAX:
+            accepted and changes nothing (products are always ``jax.jit``-compiled).
         **data_options: ``num_data``, ``batch_size_fn``, ``progressbar`` (over the batches
             of each product), ``distributed`` (every product is summed over the ranks, one
             ``all_reduce``), as for every data-bound operator

@@ -31,6 +31,7 @@ from torch.func import functional_call, grad, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cola_curvature import losses
+from cola_curvature.backends.torch.autodiff_routes import custom_functions
 
 #: ``(params, state, columns, inputs, targets) -> (f, products)``, compiled.
 Program = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
@@ -157,15 +158,16 @@ class CompiledProducts:
 
         Raises:
             NotImplementedError: when ``torch.func`` or the compiler cannot handle the
-                model (e.g. a custom ``autograd.Function`` without ``setup_context`` or
-                ``jvp``); ``compile=False`` has routes for those.
+                model, or its graph has a custom ``autograd.Function`` (checked by one eager
+                forward pass before compiling); ``compile=False`` has routes for those.
 
         """
-        program = self._programs.get(key)
-        if program is None:
-            program = self._programs[key] = torch.compile(_own_code(build()), dynamic=False)
         inputs, targets = batch
         detached = tuple(p.detach() for p in params)
+        program = self._programs.get(key)
+        if program is None:
+            self._refuse_custom_functions(detached, state, inputs)
+            program = self._programs[key] = torch.compile(_own_code(build()), dynamic=False)
         try:
             outputs, products = program(detached, state, tuple(columns), (inputs,), targets)
         except torch.OutOfMemoryError:
@@ -178,6 +180,28 @@ class CompiledProducts:
                 "without forward-mode AD or double backward."
             ) from error
         return outputs, list(products)
+
+    def _refuse_custom_functions(
+        self, params: tuple[torch.Tensor, ...], state: dict[str, torch.Tensor], inputs: Any
+    ) -> None:
+        """Raise ``NotImplementedError`` when the model's graph has a custom ``autograd.Function``.
+
+        Dynamo traces such a ``Function``'s forward, so forward-mode derivatives would come
+        from its forward operations while reverse mode uses its ``backward``: a
+        ``Function`` whose backward is not the derivative of its forward (a
+        straight-through estimator) would give a silently different matrix.
+        """
+        leaves = tuple(p.requires_grad_(True) for p in (q.detach() for q in params))
+        with torch.enable_grad():
+            outputs = _call(self._model, self._names, leaves, state, (inputs,))
+        found = custom_functions(outputs.grad_fn)
+        if found:
+            raise NotImplementedError(
+                f"compile=True does not support custom autograd.Functions "
+                f"({', '.join(c.__qualname__ for c in found)}): the compiled program would "
+                "take forward-mode derivatives from their forward operations, not from their "
+                "jvp or backward. Build the operator with compile=False."
+            )
 
     def gauss_newton_matmat(
         self,
