@@ -56,9 +56,10 @@ def test_compiled_products_check_targets(problem):
         cc.GGN(model, loss_func, params, bad, compile=True)
 
 
-def test_fisher_mc_refuses_compile(problem):
-    with pytest.raises(NotImplementedError, match="FisherMC has no compile=True route"):
-        cc.FisherMC(*problem, compile=True)
+@pytest.mark.parametrize("operator", [cc.FisherMC, cc.GradientMoments])
+def test_operators_without_a_compiled_route_refuse_compile(problem, operator):
+    with pytest.raises(NotImplementedError, match=f"{operator.__name__} has no compile=True"):
+        operator(*problem, compile=True)
 
 
 def test_jax_accepts_compile_and_changes_nothing():

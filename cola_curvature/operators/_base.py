@@ -49,7 +49,8 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
             Gauss-Newton types only on the transformer, see the README); off by default
             since the compile time outweighs that for a few hundred products or fewer.
             Raises ``NotImplementedError`` for models with custom ``autograd.Function``s and
-            models ``torch.func`` or the compiler cannot handle, and for ``FisherMC``. JAX:
+            models ``torch.func`` or the compiler cannot handle; operators without a
+            compiled route (``FisherMC``, ``GradientMoments``) refuse the option. JAX:
             accepted and changes nothing (products are always ``jax.jit``-compiled).
         **data_options: ``num_data``, ``batch_size_fn``, ``progressbar`` (over the batches
             of each product), ``distributed`` (every product is summed over the ranks, one
@@ -60,6 +61,11 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
 
     #: The CoLA annotation the curvature carries (``PSD`` or ``SelfAdjoint``).
     annotation: type = SelfAdjoint
+
+    #: Whether the operator has a ``compile=True`` route (GGN, empirical Fisher, Hessian;
+    #: not the Monte-Carlo Fisher, whose targets are drawn per batch from a counter-based
+    #: stream the compiled programs do not trace, nor the gradient moments).
+    compilable: bool = False
 
     def __init__(
         self,
@@ -72,6 +78,11 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
         compile: bool = False,
         **data_options: Any,
     ) -> None:
+        if compile and not self.compilable:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no compile=True route (GGN, EmpiricalFisher and "
+                "Hessian have one); build it with compile=False."
+            )
         #: Whether each batch's product runs a compiled program (the ``compile`` option).
         self._compile = compile
         self._bind(

@@ -31,6 +31,7 @@ class EmpiricalFisher(CurvatureOperator):
     """
 
     annotation = PSD
+    compilable = True
 
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``R Σ_n J_nᵀ d_n d_nᵀ J_n V`` on one batch."""

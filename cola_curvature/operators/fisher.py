@@ -44,13 +44,6 @@ class FisherMC(CurvatureOperator):
 
     def __init__(self, *args: Any, mc_samples: int = 1, seed: int = 0, **kwargs: Any) -> None:
         check_mc_samples(mc_samples)
-        if kwargs.get("compile", False):
-            raise NotImplementedError(
-                "FisherMC has no compile=True route: its targets are drawn per batch from a "
-                "counter-based stream, which the compiled programs do not trace. Use "
-                "compile=False, or the GGN (the Monte-Carlo Fisher's expectation) with "
-                "compile=True."
-            )
         self._mc_samples = mc_samples
         self._seed = seed
         super().__init__(*args, **kwargs)

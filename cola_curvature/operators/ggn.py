@@ -32,6 +32,7 @@ class GGN(CurvatureOperator):
     """
 
     annotation = PSD
+    compilable = True
 
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``R Jᵀ H J V`` on one batch."""

@@ -30,6 +30,7 @@ class Hessian(CurvatureOperator):
     """
 
     annotation = SelfAdjoint
+    compilable = True
 
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``∇²_θ (R Σ_{n ∈ batch} ℓ_n) V``."""
