@@ -74,8 +74,13 @@ class CurvatureBackend(Protocol):
         batch: Batch,
         output_matmat: OutputMatmat,
         rng: RandomSource | None,
+        *,
+        compiled: bool = False,
     ) -> ParamColumns:
-        """Return ``Jᵀ M J V`` with ``M`` given by ``output_matmat``, one forward pass shared."""
+        """Return ``Jᵀ M J V`` with ``M`` given by ``output_matmat``, one forward pass shared.
+
+        ``compiled``: run a compiled program (torch: ``torch.compile``; JAX compiles always).
+        """
 
     def process_group(self) -> ProcessGroup:
         """Return the process group ``distributed=True`` combines over; raise where none is."""
@@ -107,8 +112,13 @@ class CurvatureBackend(Protocol):
     def gradient(self, batch: Batch, risk: BatchRisk) -> ParamColumns:
         """Return ``∇_θ risk(f_θ(x), y)`` on one batch, one array shaped like each parameter."""
 
-    def hessian_matmat(self, columns: ParamColumns, batch: Batch, risk: BatchRisk) -> ParamColumns:
-        """Return ``∇²_θ risk · V`` (``risk`` a stable callable, as ``output_matmat``)."""
+    def hessian_matmat(
+        self, columns: ParamColumns, batch: Batch, risk: BatchRisk, *, compiled: bool = False
+    ) -> ParamColumns:
+        """Return ``∇²_θ risk · V`` (``risk`` a stable callable, as ``output_matmat``).
+
+        ``compiled``: as for :meth:`gauss_newton_matmat`.
+        """
 
     def kronecker_layers(self, data: Iterable[Batch]) -> list[Any]:
         """Return the layers KFAC supports that own entries of ``params``.

@@ -41,6 +41,17 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
             deterministic (a second pass over the data beside the counting pass, two
             forward passes, two products; identical results).
             Needs values: pass ``False`` when building the operator inside ``jax.jit``.
+        compile: torch: run each batch's product through ``torch.compile`` (see
+            :mod:`~cola_curvature.backends.torch.compiled`): one program per operator,
+            column count and batch shape, compiled on first use (tens of seconds; with
+            ``check_deterministic`` that is at construction), after which products run
+            up to 1.6 times faster (Hessian on the benchmark MLP, CNN and transformer; the
+            Gauss-Newton types only on the transformer, see the README); off by default
+            since the compile time outweighs that for a few hundred products or fewer.
+            Raises ``NotImplementedError`` for models with custom ``autograd.Function``s and
+            models ``torch.func`` or the compiler cannot handle; operators without a
+            compiled route (``FisherMC``, ``GradientMoments``) refuse the option. JAX:
+            accepted and changes nothing (products are always ``jax.jit``-compiled).
         **data_options: ``num_data``, ``batch_size_fn``, ``progressbar`` (over the batches
             of each product), ``distributed`` (every product is summed over the ranks, one
             ``all_reduce``), as for every data-bound operator
@@ -51,6 +62,11 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
     #: The CoLA annotation the curvature carries (``PSD`` or ``SelfAdjoint``).
     annotation: type = SelfAdjoint
 
+    #: Whether the operator has a ``compile=True`` route (GGN, empirical Fisher, Hessian;
+    #: not the Monte-Carlo Fisher, whose targets are drawn per batch from a counter-based
+    #: stream the compiled programs do not trace, nor the gradient moments).
+    compilable: bool = False
+
     def __init__(
         self,
         model: Any,
@@ -59,8 +75,16 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
         data: Iterable[tuple[Any, Any]],
         *,
         check_deterministic: bool = True,
+        compile: bool = False,
         **data_options: Any,
     ) -> None:
+        if compile and not self.compilable:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no compile=True route (GGN, EmpiricalFisher and "
+                "Hessian have one); build it with compile=False."
+            )
+        #: Whether each batch's product runs a compiled program (the ``compile`` option).
+        self._compile = compile
         self._bind(
             model, loss_func, params, data, check_deterministic=check_deterministic, **data_options
         )

@@ -31,8 +31,11 @@ class EmpiricalFisher(CurvatureOperator):
     """
 
     annotation = PSD
+    compilable = True
 
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``R Σ_n J_nᵀ d_n d_nᵀ J_n V`` on one batch."""
         output_matmat = EmpiricalFisherOutputMatmat(self._loss, self.num_data)
-        return self._backend.gauss_newton_matmat(columns, batch, output_matmat, rng)
+        return self._backend.gauss_newton_matmat(
+            columns, batch, output_matmat, rng, compiled=self._compile
+        )

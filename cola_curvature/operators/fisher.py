@@ -35,7 +35,8 @@ class FisherMC(CurvatureOperator):
         *args: As :class:`~cola_curvature.operators._base.CurvatureOperator`.
         mc_samples: Number ``M`` of sampled targets per example.
         seed: Seed of the private streams the targets are drawn from.
-        **kwargs: As :class:`~cola_curvature.operators._base.CurvatureOperator`.
+        **kwargs: As :class:`~cola_curvature.operators._base.CurvatureOperator`
+            (``compile=True`` raises ``NotImplementedError``).
 
     """
 

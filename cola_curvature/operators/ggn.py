@@ -32,8 +32,11 @@ class GGN(CurvatureOperator):
     """
 
     annotation = PSD
+    compilable = True
 
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``R Jᵀ H J V`` on one batch."""
         output_matmat = GaussNewtonOutputMatmat(self._loss, self.num_data)
-        return self._backend.gauss_newton_matmat(columns, batch, output_matmat, rng)
+        return self._backend.gauss_newton_matmat(
+            columns, batch, output_matmat, rng, compiled=self._compile
+        )

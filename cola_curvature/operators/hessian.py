@@ -30,7 +30,9 @@ class Hessian(CurvatureOperator):
     """
 
     annotation = SelfAdjoint
+    compilable = True
 
     def _batch_matmat(self, columns: list[Array], batch: tuple[Any, Any], rng: Any) -> list[Array]:
         """Return ``∇²_θ (R Σ_{n ∈ batch} ℓ_n) V``."""
-        return self._backend.hessian_matmat(columns, batch, ScaledRisk(self._loss, self.num_data))
+        risk = ScaledRisk(self._loss, self.num_data)
+        return self._backend.hessian_matmat(columns, batch, risk, compiled=self._compile)

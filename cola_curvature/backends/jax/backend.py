@@ -145,8 +145,13 @@ class JaxBackend:
         batch: tuple[Any, Any],
         output_matmat: Callable,
         rng: JaxExampleRandom | None,
+        *,
+        compiled: bool = False,
     ) -> list[Array]:
-        """Return ``Jᵀ M J V`` on one batch (see :func:`products.gauss_newton_matmat`)."""
+        """Return ``Jᵀ M J V`` on one batch (see :func:`products.gauss_newton_matmat`).
+
+        The product is always ``jax.jit``-compiled, so ``compiled`` changes nothing.
+        """
         inputs, targets = batch
         result = self._gauss_newton(
             self._params,
@@ -211,9 +216,17 @@ class JaxBackend:
         return self.loss.scale(outputs, num_data) * flat
 
     def hessian_matmat(
-        self, columns: list[Array], batch: tuple[Any, Any], risk: Callable
+        self,
+        columns: list[Array],
+        batch: tuple[Any, Any],
+        risk: Callable,
+        *,
+        compiled: bool = False,
     ) -> list[Array]:
-        """Return ``∇²_θ risk · V`` on one batch (see :func:`products.hessian_matmat`)."""
+        """Return ``∇²_θ risk · V`` on one batch (see :func:`products.hessian_matmat`).
+
+        The product is always ``jax.jit``-compiled, so ``compiled`` changes nothing.
+        """
         inputs, targets = batch
         result = self._hessian(
             self._params, self._treedef.unflatten(columns), inputs, targets, risk=risk

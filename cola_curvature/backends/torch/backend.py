@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cola_curvature._checks import check_array_library
 from cola_curvature.backends._protocol import require_loss
 from cola_curvature.backends.torch import kfac, per_example, products
+from cola_curvature.backends.torch.compiled import CompiledProducts
 from cola_curvature.backends.torch.distributed import TorchProcessGroup
 from cola_curvature.backends.torch.layout import TENSORS, tensor_layout
 from cola_curvature.backends.torch.losses import as_loss
@@ -121,6 +122,8 @@ class TorchBackend:
         self.num_params = self.layout.num_params
         #: What earlier products learnt about the model's autodiff (forward mode missing).
         self._routes = products.ProductRoutes()
+        #: The ``torch.compile``d products (``compiled=True``), built on first use.
+        self._compiled: CompiledProducts | None = None
         #: Why KFAC leaves a parameter uncovered, by position in ``params`` (tied weights, ...).
         self.uncovered_reasons: dict[int, str] = {}
 
@@ -155,6 +158,12 @@ class TorchBackend:
             return outputs
 
         return model_fn
+
+    def _compiled_products(self) -> CompiledProducts:
+        """Return the backend's compiled products, created on first use."""
+        if self._compiled is None:
+            self._compiled = CompiledProducts(self._model, self._names)
+        return self._compiled
 
     def forward(self, inputs: Any) -> torch.Tensor:
         """Return the model output ``f(x)`` without a graph."""
@@ -234,8 +243,19 @@ class TorchBackend:
         batch: tuple[Any, Any],
         output_matmat: Callable,
         rng: TorchExampleRandom | None,
+        *,
+        compiled: bool = False,
     ) -> list[torch.Tensor]:
-        """Return ``Jᵀ M J V`` on one batch (see :func:`products.gauss_newton_matmat`)."""
+        """Return ``Jᵀ M J V`` on one batch (see :func:`products.gauss_newton_matmat`).
+
+        ``compiled``: through :meth:`CompiledProducts.gauss_newton_matmat` (a deterministic
+        map of :mod:`~cola_curvature.operators._output_space`; ``rng`` unused).
+        """
+        if compiled:
+            with _parameters_restored(self._model):
+                return self._compiled_products().gauss_newton_matmat(
+                    self._params, self._functional_state(), columns, batch, output_matmat
+                )
         inputs, targets = batch
         return products.gauss_newton_matmat(
             self._model_fn(),
@@ -253,9 +273,22 @@ class TorchBackend:
         return products.gradient(self._model_fn(), self._params, inputs, targets, risk)
 
     def hessian_matmat(
-        self, columns: list[torch.Tensor], batch: tuple[Any, Any], risk: Callable
+        self,
+        columns: list[torch.Tensor],
+        batch: tuple[Any, Any],
+        risk: Callable,
+        *,
+        compiled: bool = False,
     ) -> list[torch.Tensor]:
-        """Return ``∇²_θ risk · V`` on one batch (see :func:`products.hessian_matmat`)."""
+        """Return ``∇²_θ risk · V`` on one batch (see :func:`products.hessian_matmat`).
+
+        ``compiled``: through :meth:`CompiledProducts.hessian_matmat`.
+        """
+        if compiled:
+            with _parameters_restored(self._model):
+                return self._compiled_products().hessian_matmat(
+                    self._params, self._functional_state(), columns, batch, risk
+                )
         inputs, targets = batch
         return products.hessian_matmat(
             self._model_fn(), self._params, columns, inputs, targets, risk, self._routes

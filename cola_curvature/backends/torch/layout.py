@@ -18,6 +18,18 @@ def _thawed(x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Return whether ``x`` has no NaN or infinite entry.
+
+    A NaN or infinite entry makes the sum NaN or infinite, so a finite sum proves ``x``
+    finite in one reduction: 33 µs against 0.7 ms for ``isfinite(x).all()`` on 270k float32
+    entries (one thread), which is about half a gradient of the benchmark MLP, paid by every
+    product's input check. A non-finite sum (also one that merely overflows) is decided
+    entry by entry.
+    """
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 #: torch tensors on the parameters' device.
 TENSORS = ArrayKind(
     types=(torch.Tensor,),
@@ -25,7 +37,7 @@ TENSORS = ArrayKind(
     conversion="torch.as_tensor(np.asarray(v))",
     cast=lambda dtype, device: f"v.to(dtype={dtype}, device='{device}')",
     checks_device=True,
-    all_finite=lambda x: bool(torch.isfinite(x).all()),
+    all_finite=_all_finite,
     thaw=_thawed,
 )
 

@@ -37,6 +37,25 @@ def _zeros_like_columns(columns: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.zeros_like(c) for c in columns]
 
 
+def _stack_results(
+    results: Sequence[Sequence[torch.Tensor | None]], params: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Return per-parameter ``(k, *p.shape)`` products from ``k`` per-column results.
+
+    ``None`` (a parameter the output does not depend on) becomes zeros; one column is a
+    view (``unsqueeze``), not a copy.
+    """
+    if len(results) == 1:
+        return [
+            torch.zeros_like(p)[None] if r is None else r[None]
+            for r, p in zip(results[0], params, strict=True)
+        ]
+    return [
+        torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in results])
+        for j, p in enumerate(params)
+    ]
+
+
 #: How errors name the Hessian's product.
 _HV = "H V (in Hessian products)"
 
@@ -110,10 +129,7 @@ def _pullbacks(
         )
         for i in range(num_columns)
     ]
-    return [
-        torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in results])
-        for j, p in enumerate(params)
-    ]
+    return _stack_results(results, params)
 
 
 def output_jvp(
@@ -185,7 +201,7 @@ def _hessian_matmat_forward_over_reverse(
                     for g, p in zip(grads, params, strict=True)
                 ]
             )
-    return [torch.stack([column[j] for column in products]) for j in range(len(params))]
+    return _stack_results(products, params)
 
 
 def gradient(
@@ -224,10 +240,7 @@ def _double_backward(
         )
         for i in range(num_columns)
     ]
-    return [
-        torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in results])
-        for j, p in enumerate(params)
-    ]
+    return _stack_results(results, params)
 
 
 def hessian_matmat(
