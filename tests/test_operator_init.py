@@ -87,3 +87,13 @@ def test_kfac_permutations_and_pytree_round_trip() -> None:
     v = torch.randn(kfac.shape[0], dtype=torch.float64)
     torch.testing.assert_close(rebuilt @ v, kfac @ v, rtol=0, atol=0)
     assert rebuilt.annotations == kfac.annotations
+
+
+def test_matrix_free_operators_have_colas_annotations() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    data = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
+    for operator in (cc.Hessian, cc.GGN, cc.EmpiricalFisher):
+        op = operator(model, nn.MSELoss(), list(model.parameters()), data)
+        _assert_same_state(op, Dense(torch.zeros(8, 8, dtype=torch.float64)))
+        assert op.annotations == get_annotations(op) | {operator.annotation}
