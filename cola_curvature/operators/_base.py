@@ -13,6 +13,7 @@ from cola_curvature._checks import NONDETERMINISM_CAUSES
 from cola_curvature._tracing import is_abstract
 from cola_curvature.operators._bound import DataBound
 from cola_curvature.operators._interface import ParameterSpaceInterface
+from cola_curvature.operators._operator_init import init_operator
 from cola_curvature.types import Array
 
 
@@ -91,7 +92,8 @@ class CurvatureOperator(DataBound, ParameterSpaceInterface, LinearOperator):
         backend = self._backend
         self._loss = backend.loss
         shape = (backend.num_params, backend.num_params)
-        super().__init__(backend.dtype, shape, annotations={self.annotation})
+        # CoLA's rule gives a plain LinearOperator no annotations; ours is set without dispatch.
+        init_operator(self, backend.dtype, shape, {self.annotation})
         if check_deterministic:
             self._check_deterministic()
 

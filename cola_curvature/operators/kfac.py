@@ -73,9 +73,9 @@ def kronecker_factors(
                         f"layer {name!r} sees {stats.positions[name]} shared positions in one "
                         f"batch and {positions[name]} in another; KFAC needs a fixed number."
                     )
-                input_sums[name] = input_sums.get(name, 0) + moment
+                _accumulate(input_sums, name, moment)
             for name, moment in stats.output_moments.items():
-                output_sums[name] = output_sums.get(name, 0) + moment
+                _accumulate(output_sums, name, moment)
     input_sums = {name: data.combine(value) for name, value in input_sums.items()}
     output_sums = {name: data.combine(value) for name, value in output_sums.items()}
     factors = {}
@@ -100,21 +100,38 @@ def kronecker_factors(
     return factors
 
 
-def block_permutation(layer: Any, offsets: Sequence[int]) -> np.ndarray:
+def _accumulate(sums: dict[str, Array], name: str, moment: Array) -> None:
+    """Add ``moment`` to ``sums[name]`` out of place; the first one is kept as it is (no copy)."""
+    sums[name] = moment if name not in sums else sums[name] + moment
+
+
+def block_permutation(
+    layer: Any, offsets: Sequence[int], separated: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     """Return the user-order positions of the entries of ``vec([W b])`` (row-major).
 
     Entry ``(o, i)`` of the augmented ``out × in`` matrix is the weight entry at flat
     position ``layer.weight_positions[o, i]`` of the weight parameter (row-major ``(out, in)``
     for torch, the transpose for a JAX ``(in, out)`` kernel) for ``i`` below the weight's
-    column count, and bias entry ``o`` in the last column. Index bookkeeping stays in NumPy
-    (one conversion per operator, not one small device computation per layer).
+    column count, and bias entry ``o`` in the last column. ``separated``: the order of two
+    blocks instead, ``vec(W)`` then ``b``. Written into ``out`` (``out · in`` integers) when
+    given, with no temporary of that size. Index bookkeeping stays in NumPy (one conversion
+    per operator, not one small device computation per layer).
     """
-    columns = []
+    rows, columns = layer.out_features, layer.in_features
+    out = np.empty(rows * columns, dtype=np.int64) if out is None else out
+    bias = layer.bias_index is not None
+    if separated:
+        weight_part = out[: rows * (columns - 1)].reshape(rows, columns - 1)
+        bias_part = out[rows * (columns - 1) :]
+    else:
+        grid = out.reshape(rows, columns)
+        weight_part, bias_part = grid[:, : columns - bias], grid[:, -1]
     if layer.weight_index is not None:
-        columns.append(offsets[layer.weight_index] + np.asarray(layer.weight_positions))
-    if layer.bias_index is not None:
-        columns.append(offsets[layer.bias_index] + np.arange(layer.out_features)[:, None])
-    return np.concatenate(columns, axis=1).reshape(-1)
+        np.add(layer.weight_positions, offsets[layer.weight_index], out=weight_part)
+    if bias:
+        np.add(np.arange(rows), offsets[layer.bias_index], out=bias_part)
+    return out
 
 
 class KFAC(DataBound, ParameterKroneckerFactored):
@@ -256,7 +273,8 @@ class KFAC(DataBound, ParameterKroneckerFactored):
         ]
         if missing:
             blocks.append(self._uncovered_block(loss_func, missing))
-        KroneckerFactored.__init__(self, blocks, self._permutation(missing, blocks))
+        permutation, inverse = self._permutations(missing, blocks)
+        KroneckerFactored.__init__(self, blocks, permutation, inverse_permutation=inverse)
 
     def _separated(self, layer: Any) -> bool:
         """Return whether ``layer`` gets a weight block and a bias block."""
@@ -376,16 +394,27 @@ class KFAC(DataBound, ParameterKroneckerFactored):
         one = xnp.ones((1, 1), dtype=dense.dtype, device=xnp.get_device(dense))
         return KroneckerBlock(dense, one)
 
-    def _permutation(self, missing: list[int], blocks: Sequence[Any]) -> Array:
-        """Return the user-order position of every block-order coordinate."""
+    def _permutations(self, missing: list[int], blocks: Sequence[Any]) -> tuple[Array, Array]:
+        """Return the user-order position of every block-order coordinate, and its inverse.
+
+        Both are written in NumPy into one array each (``O(D)``, no ``D``-sized temporaries
+        but the inverse's ``arange``) and converted once, not scattered on the device.
+        """
         sizes, offsets = self._backend.layout.sizes, self._backend.layout.offsets
-        parts = []
-        for layer in self.layers:
-            positions = block_permutation(layer, offsets)
-            if self._separated(layer):
-                grid = positions.reshape(layer.out_features, layer.in_features)
-                parts += [grid[:, :-1].reshape(-1), grid[:, -1]]
-            else:
-                parts.append(positions)
-        parts += [offsets[i] + np.arange(sizes[i]) for i in missing]
-        return blocks[0].xnp.array(np.concatenate(parts), dtype=None, device=blocks[0].device)
+        runs = [layer.out_features * layer.in_features for layer in self.layers]
+        permutation = np.empty(sum(runs) + sum(sizes[i] for i in missing), dtype=np.int64)
+        start = 0
+        for layer, run in zip(self.layers, runs, strict=True):
+            part = permutation[start : start + run]
+            block_permutation(layer, offsets, self._separated(layer), out=part)
+            start += run
+        for i in missing:
+            np.add(np.arange(sizes[i]), offsets[i], out=permutation[start : start + sizes[i]])
+            start += sizes[i]
+        inverse = np.empty_like(permutation)
+        inverse[permutation] = np.arange(permutation.size)
+        xnp, device = blocks[0].xnp, blocks[0].device
+        return (
+            xnp.array(permutation, dtype=None, device=device),
+            xnp.array(inverse, dtype=None, device=device),
+        )

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from cola import backends
 from cola.ops import Kronecker, LinearOperator
 
+from cola_curvature.operators._operator_init import init_operator
 from cola_curvature.operators.kronecker_algebra import (
     _factor_diagonal,
     _factor_eigh,
@@ -35,6 +37,9 @@ class KroneckerBlock(Kronecker):
     ``O(out³ + in³)``); a block derived from another (:meth:`scaled`,
     :meth:`heuristically_damped`, :meth:`inverse`) derives them from its parent's instead,
     through ``factor_eigh``, a function returning them.
+
+    Construction stores the two arrays and nothing else (no CoLA dispatch, ``O(1)``); the
+    factors as CoLA operators, :attr:`Ms`, are made when a CoLA rule asks for them.
     """
 
     def __init__(
@@ -43,11 +48,21 @@ class KroneckerBlock(Kronecker):
         input_factor: Array,
         factor_eigh: Callable[[], tuple[tuple[Array, Array], tuple[Array, Array]]] | None = None,
     ) -> None:
-        super().__init__(_factor_operator(output_factor), _factor_operator(input_factor))
         self.output_factor = output_factor
         self.input_factor = input_factor
         self._factor_eigh_source = factor_eigh
         self._cache: dict[str, Any] = {}
+        size = output_factor.shape[0] * input_factor.shape[0]
+        xnp = backends.get_library_fns(output_factor.dtype)
+        dtype = xnp.promote_types(output_factor.dtype, input_factor.dtype)
+        # CoLA's annotations of a Kronecker product: those its factors share, and a Dense
+        # or Diagonal factor has none.
+        init_operator(self, dtype, (size, size), set())
+
+    @property
+    def Ms(self) -> tuple[LinearOperator, LinearOperator]:  # noqa: N802  (CoLA's name)
+        """Return ``(G, A)`` as CoLA operators (``Dense``, or ``Diagonal`` for a 1-d factor)."""
+        return _factor_operator(self.output_factor), _factor_operator(self.input_factor)
 
     def factor_eigh(self) -> tuple[tuple[Array, Array | None], tuple[Array, Array | None]]:
         """Return ``((λ_G, Q_G), (λ_A, Q_A))``, the factors' eigendecompositions (cached).
@@ -171,7 +186,7 @@ class EigenKronecker(LinearOperator):
         self.q_in = q_in
         self.eigenvalues = eigenvalues
         size = eigenvalues.shape[0] * eigenvalues.shape[1]
-        super().__init__(eigenvalues.dtype, (size, size))
+        init_operator(self, eigenvalues.dtype, (size, size), set())
 
     def map_spectrum(self, fn: Callable[[Array], Array]) -> EigenKronecker:
         """Return ``(Q_G ⊗ Q_A) diag(fn(S)) (Q_G ⊗ Q_A)ᵀ``."""
@@ -239,7 +254,7 @@ class DiagonalBlock(LinearOperator):
 
     def __init__(self, values: Array) -> None:
         self.values = values
-        super().__init__(values.dtype, (values.shape[0], values.shape[0]))
+        init_operator(self, values.dtype, (values.shape[0], values.shape[0]), set())
 
     def _matmat(self, X: Array) -> Array:
         """Return ``d ⊙ X`` row-wise."""
