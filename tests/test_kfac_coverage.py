@@ -398,6 +398,10 @@ def test_recorded_conv_patches_reproduce_the_convolution(conv):
     weight = conv.weight.detach().reshape(3, -1)
     expected = call.output.detach().flatten(2).transpose(1, 2) - conv.bias.detach()
     assert_close(patches @ weight.T, expected)
+    augmented = _conv_patches(call, ones=True)  # (N, T, in + 1), the bias's ones written in
+    weight_and_bias = torch.cat([weight, conv.bias.detach()[:, None]], dim=1)
+    assert torch.equal(augmented[..., :-1], patches)
+    assert_close(augmented @ weight_and_bias.T, call.output.detach().flatten(2).transpose(1, 2))
 
 
 class HandTiedHead(nn.Module):

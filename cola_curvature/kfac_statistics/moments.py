@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,12 +162,29 @@ class LayerSignals:
     """Per layer: inputs ``ã`` as ``(N, T, in [+1])`` and output gradients ``(C', N, T, out)``.
 
     An embedding's inputs are :class:`TokenInputs`. ``scale`` is the loss scaling ``R``;
-    ``output_grads`` is ``None`` for forward-only.
+    ``output_grads`` is ``None`` for forward-only. Instead of ``output_grads``, a backend
+    may pass ``streamed``: a one-shot iterable of such dicts whose ``C'`` axes together
+    make up the columns (the torch backend yields one column per backward pass, so only one
+    column is ever held). Every statistic is a sum over columns, so consumers read
+    :meth:`output_grad_chunks` once and add up.
     """
 
     inputs: dict[str, Array]
     output_grads: dict[str, Array] | None
     scale: float
+    streamed: Iterable[dict[str, Array]] | None = None
+
+    def output_grad_chunks(self) -> Iterator[dict[str, Array]]:
+        """Yield the output gradients in chunks of columns: ``streamed``, else ``output_grads``."""
+        if self.streamed is not None:
+            yield from self.streamed
+        elif self.output_grads is not None:
+            yield self.output_grads
+
+    @property
+    def backpropagated(self) -> bool:
+        """Return whether there are output gradients (``False`` for forward-only)."""
+        return self.output_grads is not None or self.streamed is not None
 
 
 def batch_statistics(signals: LayerSignals, kfac_approx: KFACApprox) -> BatchStatistics:
@@ -175,19 +192,27 @@ def batch_statistics(signals: LayerSignals, kfac_approx: KFACApprox) -> BatchSta
 
     With ``kfac_approx="reduce"`` the shared positions are averaged (inputs) or summed
     (output gradients) per example first (Eschenhagen et al., 2023). The ``C'`` columns of
-    the output gradients are folded into the example axis, so each factor is one product.
+    each chunk of output gradients are folded into the example axis, so each factor is one
+    product per chunk, added up over the chunks.
     """
     input_moments = {
         name: _second_moment(a, kfac_approx, "mean") for name, a in signals.inputs.items()
     }
     positions = {name: a.shape[1] for name, a in signals.inputs.items()}
-    output_moments = {}
-    if signals.output_grads is not None:
-        for name, g in signals.output_grads.items():
-            columns = g.reshape(-1, g.shape[2], g.shape[3])
-            moment = _second_moment(columns, kfac_approx, "sum", example_major=True)
-            output_moments[name] = signals.scale * moment
+    terms = {name: _output_moment(name, kfac_approx) for name in signals.inputs}
+    output_moments = summed_over_columns(signals, terms) if signals.backpropagated else {}
     return BatchStatistics(input_moments, output_moments, positions)
+
+
+def _output_moment(name: str, kfac_approx: KFACApprox) -> Callable[[dict[str, Array]], Array]:
+    """Return ``grads ↦ Σ g gᵀ`` of layer ``name`` over a chunk's columns and examples."""
+
+    def term(grads: dict[str, Array]) -> Array:
+        g = grads[name]
+        columns = g.reshape(-1, g.shape[2], g.shape[3])
+        return _second_moment(columns, kfac_approx, "sum", example_major=True)
+
+    return term
 
 
 def batch_eigencorrections(
@@ -204,19 +229,47 @@ def batch_eigencorrections(
     ``T > 1`` needs. An embedding's input factor is diagonal (``Q_A = I``): see
     :meth:`TokenInputs.squared_gradients`.
     """
-    corrections = {}
-    for name, (q_out, q_in) in bases.items():
-        a, g = signals.inputs[name], signals.output_grads[name]
-        projected_g = g @ q_out
-        if isinstance(a, TokenInputs):
-            corrections[name] = signals.scale * a.squared_gradients(projected_g)
-            continue
-        projected_a = a @ q_in
-        if a.shape[1] == 1:
-            squares = (projected_g[:, :, 0] ** 2).sum(0).T @ projected_a[:, 0] ** 2
-        else:
-            xnp = get_library_fns(a.dtype)
-            per_example = xnp.moveaxis(projected_g, -1, -2) @ projected_a
-            squares = (per_example**2).sum(0).sum(0)
-        corrections[name] = signals.scale * squares
-    return corrections
+    terms = {
+        name: eigencorrection_term(signals.inputs, name, *basis) for name, basis in bases.items()
+    }
+    return summed_over_columns(signals, terms)
+
+
+def summed_over_columns(
+    signals: LayerSignals, terms: dict[str, Callable[[dict[str, Array]], Array]]
+) -> dict[str, Array]:
+    """Return ``R Σ_chunks term(chunk)`` per name of ``terms``, reading the gradients once.
+
+    ``terms[name]`` maps one chunk of output gradients (per layer, ``(c, N, T, out)``) to
+    that chunk's part of a statistic that is a sum over columns.
+    """
+    sums: dict[str, Array] = {}
+    for chunk in signals.output_grad_chunks():
+        for name, term in terms.items():
+            sums[name] = sums.get(name, 0) + term(chunk)
+        del chunk  # a streamed chunk is released before the next one is computed
+    return {name: signals.scale * total for name, total in sums.items()}
+
+
+def eigencorrection_term(
+    inputs: dict[str, Array | TokenInputs], name: str, q_out: Array, q_in: Array
+) -> Callable[[dict[str, Array]], Array]:
+    """Return ``grads ↦ Σ_{n,c} (Q_Gᵀ ∇W_{n,c} Q_A)²`` of layer ``name``, ``(out, in [+1])``.
+
+    The sum runs over one chunk's columns ``c`` (``grads[name]``, ``(c, N, T, out)``); the
+    inputs are projected once, ``ã Q_A`` (``O(N T in²)``), for all chunks.
+    """
+    a = inputs[name]
+    if isinstance(a, TokenInputs):
+        return lambda grads: a.squared_gradients(grads[name] @ q_out)
+    projected_a = a @ q_in
+    if a.shape[1] == 1:
+        squared_a = projected_a[:, 0] ** 2
+        return lambda grads: ((grads[name] @ q_out)[:, :, 0] ** 2).sum(0).T @ squared_a
+    xnp = get_library_fns(a.dtype)
+
+    def term(grads: dict[str, Array]) -> Array:
+        per_example = xnp.moveaxis(grads[name] @ q_out, -1, -2) @ projected_a
+        return (per_example**2).sum(0).sum(0)
+
+    return term

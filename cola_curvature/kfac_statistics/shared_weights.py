@@ -25,7 +25,7 @@ factor (or a column factor). Cost: ``K²`` inner products of the factors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,8 @@ from cola.backends import get_library_fns
 from cola_curvature.kfac_statistics.moments import (
     LayerSignals,
     TokenInputs,
-    batch_eigencorrections,
+    eigencorrection_term,
+    summed_over_columns,
 )
 from cola_curvature.types import Array
 
@@ -62,24 +63,24 @@ class SharedWeightLayer:
         return "shared"
 
     @property
-    def _reference(self) -> Any:
+    def reference(self) -> Any:
         """Return the use whose orientation the block takes."""
         return next((use for use in self.uses if use.kind != "embedding"), self.uses[0])
 
     @property
     def weight_index(self) -> int:
         """Return the weight's position in ``params``."""
-        return self._reference.weight_index
+        return self.reference.weight_index
 
     @property
     def bias_index(self) -> int | None:
         """Return the shared bias's position in ``params``, ``None`` without one."""
-        return self._reference.bias_index
+        return self.reference.bias_index
 
     @property
     def weight_positions(self) -> np.ndarray:
         """Return the flat weight position of block entry ``(o, i)`` (the reference grid)."""
-        return np.asarray(self._reference.weight_positions)
+        return np.asarray(self.reference.weight_positions)
 
     @property
     def out_features(self) -> int:
@@ -94,7 +95,7 @@ class SharedWeightLayer:
     @property
     def in_features(self) -> int:
         """Return the dimension of the column factor ``Y`` (weight columns plus bias)."""
-        return self._reference.in_features
+        return self.reference.in_features
 
     def transposed(self, use: Any) -> bool:
         """Return whether ``use``'s block is on the transpose of this block's orientation."""
@@ -215,40 +216,55 @@ def _projected(x: Array, basis: Array | None) -> Array:
     return x if basis is None else x @ basis
 
 
-def shared_eigencorrection(
-    layer: SharedWeightLayer, signals: LayerSignals, basis: tuple[Array | None, Array | None]
-) -> Array:
-    """Return EKFAC's ``S = R Σ_{n,c} (Q_Xᵀ ∇W_{n,c} Q_Y)²`` for a shared weight.
+def shared_eigencorrection_term(
+    layer: SharedWeightLayer,
+    inputs: dict[str, Any],
+    basis: tuple[Array | None, Array | None],
+) -> Callable[[dict[str, Array]], Array]:
+    """Return ``grads ↦ Σ_{n,c} (Q_Xᵀ ∇W_{n,c} Q_Y)²`` over a chunk of columns, for a shared weight.
 
     ``∇W_{n,c}`` is example ``n``'s gradient of the shared weight for column ``c``: the sum
     over uses of ``Σ_t g_t ã_tᵀ`` (a transposed use contributes ``Σ_t ã_t g_tᵀ``, e.g.
-    ``e_{x_t} g_tᵀ`` from an embedding). Memory ``O(C' N out in)``, the per-example gradients
-    in the eigenbasis.
+    ``e_{x_t} g_tᵀ`` from an embedding); ``grads`` maps each use's name to its gradients.
+    The inputs are projected once for all chunks. Memory ``O(c N out in)`` per chunk of
+    ``c`` columns, the per-example gradients in the eigenbasis.
     """
     q_rows, q_columns = basis
-    total = 0
-    for use in layer.uses:
-        inputs, grads = signals.inputs[use.name], signals.output_grads[use.name]
-        if layer.transposed(use):
-            rows, columns = _projected(inputs, q_rows)[None], _projected(grads, q_columns)
-        else:
-            rows, columns = _projected(grads, q_rows), _projected(inputs, q_columns)[None]
-        xnp = get_library_fns(columns.dtype)
-        total = total + xnp.moveaxis(rows, -1, -2) @ columns
-    return signals.scale * (total**2).sum(0).sum(0)
+    projected = {
+        use.name: _projected(inputs[use.name], q_rows if layer.transposed(use) else q_columns)
+        for use in layer.uses
+    }
+
+    def term(grads: dict[str, Array]) -> Array:
+        total = 0
+        for use in layer.uses:
+            if layer.transposed(use):
+                rows, columns = projected[use.name][None], _projected(grads[use.name], q_columns)
+            else:
+                rows, columns = _projected(grads[use.name], q_rows), projected[use.name][None]
+            xnp = get_library_fns(columns.dtype)
+            total = total + xnp.moveaxis(rows, -1, -2) @ columns
+        return (total**2).sum(0).sum(0)
+
+    return term
 
 
 def layer_eigencorrections(
     signals: LayerSignals, layers: Sequence[Any], bases: dict[str, tuple[Array, Array]]
 ) -> dict[str, Array]:
-    """Return one batch's EKFAC ``S`` per layer name, shared weights included.
+    """Return one batch's EKFAC ``S = R Σ_{n,c} (Q_Gᵀ ∇W_{n,c} Q_A)²`` per layer name.
 
-    ``signals`` are those of :func:`use_layers` ``(layers)``; a plain layer's ``S`` is
-    :func:`~cola_curvature.kfac_statistics.moments.batch_eigencorrections`'s.
+    ``signals`` are those of :func:`use_layers` ``(layers)``; a plain layer's term is
+    :func:`~cola_curvature.kfac_statistics.moments.eigencorrection_term`, a shared
+    weight's :func:`shared_eigencorrection_term` (which reads all its uses' gradients).
+    The output gradients are read once, chunk by chunk
+    (:func:`~cola_curvature.kfac_statistics.moments.summed_over_columns`), so streamed
+    signals serve every layer.
     """
-    shared = [layer for layer in layers if isinstance(layer, SharedWeightLayer)]
-    plain = {name: basis for name, basis in bases.items() if name in signals.inputs}
-    corrections = batch_eigencorrections(signals, plain)
-    for layer in shared:
-        corrections[layer.name] = shared_eigencorrection(layer, signals, bases[layer.name])
-    return corrections
+    terms = {
+        layer.name: shared_eigencorrection_term(layer, signals.inputs, bases[layer.name])
+        if isinstance(layer, SharedWeightLayer)
+        else eigencorrection_term(signals.inputs, layer.name, *bases[layer.name])
+        for layer in layers
+    }
+    return summed_over_columns(signals, terms)

@@ -66,22 +66,27 @@ def _conv_padding(call: LayerCall, kernel: tuple[int, int]) -> tuple[int, int, i
     return p_w, p_w, p_h, p_h
 
 
-def _conv_patches(call: LayerCall) -> torch.Tensor:
-    """Return a conv2d call's patches as ``(N, T, in)``, ``T`` output pixels.
+def _conv_patches(call: LayerCall, ones: bool = False) -> torch.Tensor:
+    """Return a conv2d call's patches as ``(N, T, in [+1])``, ``T`` output pixels.
 
     The patches are copied once from a strided view of the padded input into feature-major
-    memory ``(in, N, T)`` (in ``unfold``'s column order ``(c, k_h, k_w)``), and returned as
-    an ``(N, T, in)`` view of it.
+    memory ``(in [+1], N, T)`` (in ``unfold``'s column order ``(c, k_h, k_w)``), and returned
+    as an ``(N, T, in [+1])`` view of it. With ``ones``, a last feature of ones (the bias's
+    input) is written into the same buffer, so ``[a, 1]`` costs no second copy.
     """
     pair = torch.nn.modules.utils._pair
     k_h, k_w = call.weight.shape[2:]
     (d_h, d_w), (s_h, s_w) = pair(call.settings["dilation"]), pair(call.settings["stride"])
     padded = pad(call.inputs.detach(), _conv_padding(call, (k_h, k_w)))
     windows = padded.unfold(2, (k_h - 1) * d_h + 1, s_h).unfold(3, (k_w - 1) * d_w + 1, s_w)
-    windows = windows[..., ::d_h, ::d_w]
-    n, positions = call.inputs.shape[0], windows.shape[2] * windows.shape[3]
-    features = windows.permute(1, 4, 5, 0, 2, 3).reshape(-1, n, positions)
-    return features.permute(1, 2, 0)
+    windows = windows[..., ::d_h, ::d_w].permute(1, 4, 5, 0, 2, 3)
+    features = call.inputs.shape[1] * k_h * k_w
+    n, positions = call.inputs.shape[0], windows.shape[4] * windows.shape[5]
+    buffer = padded.new_empty((features + ones, n, positions))
+    buffer[:features].view(windows.shape).copy_(windows)
+    if ones:
+        buffer[features:].fill_(1)
+    return buffer.permute(1, 2, 0)
 
 
 def _segment_sum(values: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
@@ -92,6 +97,8 @@ def _segment_sum(values: torch.Tensor, ids: torch.Tensor, count: int) -> torch.T
 
 def _layer_inputs(layer: KroneckerLayer, call: LayerCall, examples: int) -> Any:
     """Return the block's inputs ``ã`` as ``(N, T, in [+1])``, or an embedding's tokens."""
+    if layer.kind == "conv2d" and layer.weight_index is not None:
+        return _conv_patches(call, ones=layer.bias_index is not None)
     if layer.kind == "conv2d":
         return _augment(_conv_patches(call), layer)
     if layer.kind == "linear":
