@@ -19,6 +19,7 @@ torch runs a function eagerly after ``torch._dynamo.config.recompile_limit`` sha
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,8 +50,16 @@ def _torch_library_fns(dtype: torch.dtype) -> Any:
     return torch_fns
 
 
-for _lookup in {id(f): f for f in (cola.backends.get_library_fns, losses.get_library_fns)}.values():
-    torch.compiler.substitute_in_graph(_lookup)(_torch_library_fns)
+@functools.cache
+def _substitute_library_lookups() -> None:
+    """Let dynamo trace :func:`_torch_library_fns` for CoLA's lookups (once, before compiling).
+
+    Registered on first use, not at import: it imports ``torch._dynamo`` (about 2 s), which
+    users who never pass ``compile=True`` should not pay for.
+    """
+    lookups = (cola.backends.get_library_fns, losses.get_library_fns)
+    for lookup in {id(f): f for f in lookups}.values():
+        torch.compiler.substitute_in_graph(lookup)(_torch_library_fns)
 
 
 def _call(
@@ -167,6 +176,7 @@ class CompiledProducts:
         program = self._programs.get(key)
         if program is None:
             self._refuse_custom_functions(detached, state, inputs)
+            _substitute_library_lookups()
             program = self._programs[key] = torch.compile(_own_code(build()), dynamic=False)
         try:
             outputs, products = program(detached, state, tuple(columns), (inputs,), targets)
