@@ -22,7 +22,7 @@ TORCH := torch==2.13.0
 # mirror may be all the machine can reach, and is then used as it is.
 TORCH_INDEX = $(if $(shell $(PIP) config list 2>/dev/null | grep -E '\.(index-url|extra-index-url|no-index)='),,\
 	--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
-PYTEST_ARGS ?= -n 2 --dist worksteal -q
+PYTEST_ARGS ?= -n 2 -q
 BENCH_ARGS ?=
 # Peers the benchmarks and tests/test_laplace_torch.py compare against; --no-deps:
 # backpack-for-pytorch and laplace-torch require torchvision, which would replace the pinned
