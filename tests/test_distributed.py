@@ -94,7 +94,8 @@ def test_distributed_without_a_process_group_says_how_to_start_one():
 
 
 def test_jax_batches_sharded_over_four_host_devices_give_the_same_products():
-    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    devices = "--xla_force_host_platform_device_count=4"
+    environment = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {devices}"}
     completed = subprocess.run(
         [sys.executable, str(Path(__file__).resolve().parent / "jax_mesh_worker.py")],
         capture_output=True,
