@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import cola_curvature as cc
+from cola_curvature.kfac_statistics import chunking
 from tests._tols import EXACT_RTOL
 from tests.cases import Case
 from tests.reference import dense_empirical_fisher, dense_ggn
@@ -65,3 +66,19 @@ def test_forward_only_is_rejected():
     model, loss_func, params, data = Case("mlp", "ce", "mean", "one").build()
     with pytest.raises(ValueError, match="output cotangents"):
         cc.DiagonalCurvature(model, loss_func, params, data, fisher_type="forward-only")
+
+
+@pytest.mark.parametrize("split", ["columns", "examples"])
+def test_diagonal_held_a_chunk_at_a_time_is_exact(split, monkeypatch):
+    """Per-example gradients over the memory budget are summed in chunks, to the same diagonal."""
+    model, loss_func, params, data = Case("sequence", "ce", "sum", "uneven").build()
+    dimension = sum(p.numel() for p in params)
+    num_examples = len(data[0][0])
+    budget = 2 * num_examples * dimension * 8 if split == "columns" else 3 * dimension * 8
+    monkeypatch.setattr(chunking, "PER_EXAMPLE_GRADIENT_BYTES", budget)
+    num_columns = model(data[0][0]).shape[1:].numel()  # type-2 CE: C · T columns
+    expected_chunks = (2, num_examples) if split == "columns" else (1, 3)
+    assert chunking.gradient_chunks(num_columns, num_examples, dimension, 8) == expected_chunks
+    diagonal = cc.DiagonalCurvature(model, loss_func, params, data)
+    expected = torch.diag(dense_ggn(model, loss_func, params, data))
+    assert relative_error(cola.linalg.diag(diagonal), expected) < EXACT_RTOL

@@ -23,6 +23,9 @@ class DiagonalCurvature(DataBound, ParameterKroneckerFactored):
 
     Cost of the build per batch: one forward pass plus ``C'`` per-example reverse passes
     (``vmap`` over examples; models must not mix examples, e.g. no train-mode batch norm).
+    Memory: the ``N · C'`` per-example gradients of a batch are held in chunks of at most
+    64 MiB (:mod:`~cola_curvature.kfac_statistics.chunking`), so a language model's
+    vocabulary × context columns do not need ``N · C' · D`` numbers at once.
     Annotation: ``PSD``.
 
     Args:

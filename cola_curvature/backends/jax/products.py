@@ -13,9 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from cola_curvature.backends.jax.state import JaxExampleRandom
 from cola_curvature.kfac_statistics import moments as statistics
+from cola_curvature.kfac_statistics.chunking import GradientChunks, gradient_chunks
 from cola_curvature.losses import Loss
 from cola_curvature.options import FisherType
 from cola_curvature.types import Array, PyTree
@@ -114,7 +116,9 @@ def squared_cotangent_gradients(
     example runs through the model alone (``jax.vmap`` over the examples of a
     ``jax.vjp`` of ``model_fn`` on a batch of one, so the model must not mix examples);
     its ``C'`` cotangent columns are mapped over one shared ``vjp``. Cost: one forward
-    pass plus ``C'`` reverse passes of per-example work, memory ``N · C' · D``.
+    pass plus ``C'`` reverse passes of per-example work. Memory: ``N · C' · D`` numbers
+    when they fit :func:`~cola_curvature.kfac_statistics.chunking.gradient_chunks`'s
+    budget, else one chunk of columns × examples at a time (:func:`_chunked_squares`).
     """
     outputs = model_fn(params, inputs)
     loss.check_target(outputs, targets)
@@ -126,5 +130,53 @@ def squared_cotangent_gradients(
         gradients = jax.vmap(lambda u: vjp(u)[0])(columns)
         return jax.tree_util.tree_map(lambda g: (g**2).sum(0), gradients)
 
-    squares = jax.vmap(example_squares, in_axes=(0, 1))(inputs, cotangents)
-    return jax.tree_util.tree_map(lambda s: s.sum(0), squares)
+    def summed_squares(x: Any, columns: Array) -> PyTree:
+        squares = jax.vmap(example_squares, in_axes=(0, 1))(x, columns)
+        return jax.tree_util.tree_map(lambda s: s.sum(0), squares)
+
+    num_columns, num_examples = cotangents.shape[:2]
+    dimension = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+    chunks = gradient_chunks(num_columns, num_examples, dimension, cotangents.dtype.itemsize)
+    if chunks == (num_columns, num_examples):
+        return summed_squares(inputs, cotangents)
+    return _chunked_squares(summed_squares, params, inputs, cotangents, chunks)
+
+
+def _chunked_squares(
+    summed_squares: Callable[[Any, Array], PyTree],
+    params: PyTree,
+    inputs: Any,
+    cotangents: Array,
+    chunks: GradientChunks,
+) -> PyTree:
+    """Return ``summed_squares(inputs, cotangents)`` accumulated over chunks by ``lax.scan``.
+
+    Columns and examples are padded to whole chunks: padded columns are zero cotangents and
+    padded examples repeat the last example with zero cotangents, so both add exactly 0.
+    """
+    num_columns, num_examples = cotangents.shape[:2]
+    column_chunks = -(-num_columns // chunks.columns)
+    example_chunks = -(-num_examples // chunks.examples)
+    extra_columns = column_chunks * chunks.columns - num_columns
+    extra_examples = example_chunks * chunks.examples - num_examples
+    padding = [(0, extra_columns), (0, extra_examples)] + [(0, 0)] * (cotangents.ndim - 2)
+    padded = jnp.pad(cotangents, padding).reshape(
+        column_chunks, chunks.columns, example_chunks, chunks.examples, *cotangents.shape[2:]
+    )
+    by_example_chunk = jnp.moveaxis(padded, 2, 0)
+
+    def split_examples(leaf: Array) -> Array:
+        repeated = jnp.concatenate([leaf, jnp.repeat(leaf[-1:], extra_examples, axis=0)])
+        return repeated.reshape(example_chunks, chunks.examples, *leaf.shape[1:])
+
+    def example_chunk(total: PyTree, chunk: tuple[Any, Array]) -> tuple[PyTree, None]:
+        x, columns = chunk
+
+        def column_chunk(total: PyTree, u: Array) -> tuple[PyTree, None]:
+            return jax.tree_util.tree_map(jnp.add, total, summed_squares(x, u)), None
+
+        return jax.lax.scan(column_chunk, total, columns)[0], None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    chunked_inputs = jax.tree_util.tree_map(split_examples, inputs)
+    return jax.lax.scan(example_chunk, zeros, (chunked_inputs, by_example_chunk))[0]

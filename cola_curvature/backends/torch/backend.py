@@ -182,7 +182,8 @@ class TorchBackend:
 
         ``u`` are the output cotangents of ``fisher_type`` (as for KFAC), so this is the
         diagonal of the GGN (type-2), of the Monte-Carlo Fisher (mc) or of the empirical
-        Fisher (empirical).
+        Fisher (empirical). The per-example gradients are held a chunk at a time
+        (:func:`per_example.summed_squared_gradients`).
         """
         inputs, targets = batch
         model_fn = self._model_fn()
@@ -191,10 +192,8 @@ class TorchBackend:
         cotangents = statistics.output_cotangents(
             self.loss, outputs, targets, fisher_type, mc_samples, rng
         )
-        gradients = per_example.per_example_cotangent_gradients(
-            model_fn, self._params, inputs, cotangents
-        )
-        return self.loss.scale(outputs, num_data) * (gradients**2).sum((0, 1))
+        squares = per_example.summed_squared_gradients(model_fn, self._params, inputs, cotangents)
+        return self.loss.scale(outputs, num_data) * squares
 
     def process_group(self) -> TorchProcessGroup:
         """Return the default ``torch.distributed`` group; ``RuntimeError`` unless initialised."""

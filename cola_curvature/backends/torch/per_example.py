@@ -10,6 +10,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
 from cola_curvature.backends.torch.autodiff_routes import logger
+from cola_curvature.kfac_statistics.chunking import gradient_chunks
 
 ModelFn = Callable[[Sequence[torch.Tensor], object], torch.Tensor]
 
@@ -83,3 +84,30 @@ def per_example_cotangent_gradients(
         return _looped(model_fn, params, inputs, cotangents)
     logger.debug("per-example gradients by vmap over examples")
     return gradients
+
+
+def summed_squared_gradients(
+    model_fn: ModelFn,
+    params: Sequence[torch.Tensor],
+    inputs: object,
+    cotangents: torch.Tensor,
+) -> torch.Tensor:
+    """Return ``Σ_{c,n} (J_nᵀ u_{c,n})²``, shape ``(D,)``, from chunks of per-example gradients.
+
+    The gradients of :func:`per_example_cotangent_gradients` are computed
+    :func:`~cola_curvature.kfac_statistics.chunking.gradient_chunks` columns × examples at a
+    time and squared into the sum, so memory is one chunk (at most 64 MiB of gradients), not
+    ``C' · N · D`` numbers; each gradient is still computed once.
+    """
+    num_columns, num_examples = cotangents.shape[:2]
+    dimension = sum(p.numel() for p in params)
+    chunks = gradient_chunks(num_columns, num_examples, dimension, cotangents.element_size())
+    total = cotangents.new_zeros(dimension)
+    for start in range(0, num_examples, chunks.examples):
+        stop = start + chunks.examples
+        examples = tree_map(lambda t, start=start, stop=stop: t[start:stop], inputs)
+        for first in range(0, num_columns, chunks.columns):
+            columns = cotangents[first : first + chunks.columns, start:stop]
+            gradients = per_example_cotangent_gradients(model_fn, params, examples, columns)
+            total += (gradients**2).sum((0, 1))
+    return total
