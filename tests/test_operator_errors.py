@@ -226,3 +226,18 @@ def test_bad_options():
     with pytest.raises(ValueError, match=mentions_all("num_data", "15")):
         cc.GGN(model, loss_func, params, data, num_data=3)
     assert_unchanged(before, model)
+
+
+def test_reused_curvature_data_refuses_options_that_would_change_it():
+    model, loss_func, params, data = Case("mlp", "ce", "mean", "uneven").build()
+    ggn = cc.GGN(model, loss_func, params, data)
+    shared = ggn._data  # what Laplace and KFAC's uncovered block pass on
+    same = cc.Hessian(model, loss_func, params, shared, num_data=ggn.num_data)
+    assert same.num_data == ggn.num_data
+    for options, named in [
+        ({"num_data": 10 * ggn.num_data}, "num_data="),
+        ({"batch_size_fn": len}, "batch_size_fn"),
+        ({"distributed": True}, "distributed=True"),
+    ]:
+        with pytest.raises(ValueError, match=named):
+            cc.Hessian(model, loss_func, params, shared, **options)

@@ -43,7 +43,10 @@ class DataBound:
             loss_func: The loss, or ``None`` for model-output products only.
             params: The parameters the curvature is taken with respect to.
             data: A re-iterable of ``(X, y)`` batches, or another operator's
-                :class:`CurvatureData` (reused as it is: the options below are then ignored).
+                :class:`CurvatureData`, reused as it is: its count, batching and ranks were
+                fixed when it was built, so a ``num_data``, ``batch_size_fn`` or
+                ``distributed`` that disagrees with them raises ``ValueError``
+                (``check_deterministic`` and ``progressbar`` are its own, too).
             num_data: Number of examples in ``data`` (over all ranks); counted when ``None``.
                 A larger value sets the loss scaling of a data set ``data`` is part of.
             batch_size_fn: ``X -> int`` for inputs that are not a single array.
@@ -58,6 +61,7 @@ class DataBound:
         """
         self._backend = curvature_backend(model, loss_func, params)
         if isinstance(data, CurvatureData):
+            _check_reused_options(data, num_data, batch_size_fn, distributed)
             self._data = data.rebound(self._backend)
             return
         self._data = CurvatureData(
@@ -74,3 +78,24 @@ class DataBound:
     def num_data(self) -> int:
         """Number of examples ``N`` the curvature is aggregated over."""
         return self._data.num_data
+
+
+def _check_reused_options(
+    data: CurvatureData,
+    num_data: int | None,
+    batch_size_fn: Callable[[Any], int] | None,
+    distributed: bool,
+) -> None:
+    """Raise ``ValueError`` when options would change an already built ``CurvatureData``."""
+    conflicts = []
+    if num_data is not None and num_data != data.num_data:
+        conflicts.append(f"num_data={num_data} (the data holds num_data={data.num_data})")
+    if batch_size_fn is not None:
+        conflicts.append("batch_size_fn (the data's batches are already counted)")
+    if distributed and data.process_group is None:
+        conflicts.append("distributed=True (the data was built for one process)")
+    if conflicts:
+        raise ValueError(
+            "data is another operator's CurvatureData, whose options are fixed; it cannot "
+            f"take {', '.join(conflicts)}. Pass the batches themselves to set new options."
+        )
