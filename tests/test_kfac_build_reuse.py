@@ -214,3 +214,40 @@ def test_backend_dispatch_follows_new_registrations():
 
     assert memoised_backend(model, loss, params) is sentinel
     assert isinstance(memoised_backend(model.inner, loss, params), TorchBackend)
+
+
+@pytest.mark.usefixtures("jax_float64")
+def test_a_build_inside_jit_leaves_no_tracer_for_later_builds():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tests import jax_reference
+
+    keys = jax.random.split(jax.random.key(0), 6)
+    params = {
+        "w1": jax.random.normal(keys[0], (4, 3), dtype=jnp.float64),
+        "b1": jax.random.normal(keys[1], (4,), dtype=jnp.float64),
+        "w2": jax.random.normal(keys[2], (2, 4), dtype=jnp.float64),
+    }
+    X = jax.random.normal(keys[3], (6, 3), dtype=jnp.float64)
+    y = jax.random.normal(keys[4], (6, 2), dtype=jnp.float64)
+    data = [(X[:4], y[:4]), (X[4:], y[4:])]
+    v = jax.random.normal(keys[5], (24,), dtype=jnp.float64)
+
+    def model_fn(p, x):
+        return (x @ p["w1"].T + p["b1"]) @ p["w2"].T
+
+    loss = cc.losses.MSE()
+
+    def product(p):
+        return cc.KFAC(model_fn, loss, p, data, check_deterministic=False) @ v
+
+    traced = jax.jit(product)(params)
+    kfac = cc.KFAC(model_fn, loss, params, data, check_deterministic=False)
+    dense = np.asarray(kfac @ jnp.eye(kfac.shape[0]))
+    flat = np.concatenate([np.full(4, 0), np.full(12, 0), np.full(8, 1)])  # b1, w1, w2
+    mask = (flat[:, None] == flat[None, :]).astype(np.float64)
+    expected = np.asarray(jax_reference.dense_ggn(model_fn, "mse", "mean", params, data)) * mask
+    assert np.linalg.norm(dense - expected) / np.linalg.norm(expected) < EXACT_RTOL
+    assert np.allclose(np.asarray(traced), dense @ np.asarray(v), rtol=EXACT_RTOL)

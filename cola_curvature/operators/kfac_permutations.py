@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
+from cola_curvature._tracing import is_traced
 from cola_curvature.kfac_statistics.shared_weights import SharedWeightLayer
 from cola_curvature.types import Array
 
@@ -19,6 +21,7 @@ CACHED_PERMUTATION_ENTRIES = 2**21
 CACHED_PERMUTATION_LAYOUTS = 2
 
 _PERMUTATIONS: OrderedDict[Hashable, tuple[Array, Array]] = OrderedDict()
+_PERMUTATIONS_LOCK = threading.Lock()
 
 
 def block_permutation(
@@ -77,14 +80,19 @@ def cached_permutations(
     layers' grids (:func:`grid_key`), which of them are split, the uncovered parameters, the
     layout's sizes and offsets, and the array library and device. At most
     ``CACHED_PERMUTATION_LAYOUTS`` layouts of at most ``CACHED_PERMUTATION_ENTRIES`` entries
-    are kept, so the memory held after the operators are gone is bounded (64 MiB).
+    are kept, so the memory held after the operators are gone is bounded (64 MiB);
+    thread-safe (two threads may both write a missing layout; either result is kept). Arrays
+    made inside a JAX trace (``jit``) are tracers of that trace and are never kept.
     """
-    if key in _PERMUTATIONS:
-        _PERMUTATIONS.move_to_end(key)
-        return _PERMUTATIONS[key]
+    with _PERMUTATIONS_LOCK:
+        cached = _PERMUTATIONS.get(key)
+        if cached is not None:
+            _PERMUTATIONS.move_to_end(key)
+            return cached
     permutations = build()
-    if permutations[0].shape[0] <= CACHED_PERMUTATION_ENTRIES:
-        _PERMUTATIONS[key] = permutations
-        while len(_PERMUTATIONS) > CACHED_PERMUTATION_LAYOUTS:
-            _PERMUTATIONS.popitem(last=False)
+    if permutations[0].shape[0] <= CACHED_PERMUTATION_ENTRIES and not is_traced(permutations[0]):
+        with _PERMUTATIONS_LOCK:
+            _PERMUTATIONS[key] = permutations
+            while len(_PERMUTATIONS) > CACHED_PERMUTATION_LAYOUTS:
+                _PERMUTATIONS.popitem(last=False)
     return permutations
