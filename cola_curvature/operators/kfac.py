@@ -86,7 +86,8 @@ def kronecker_factors(
     factors = {}
     for layer in use_layers(layers):
         count = data.num_data * (positions[layer.name] if kfac_approx is KFACApprox.EXPAND else 1)
-        input_factor = input_sums[layer.name] / count
+        input_factor = input_sums[layer.name]
+        input_factor /= count  # this build's own sum: in place for torch, a new array for JAX
         if fisher_type is FisherType.FORWARD_ONLY:
             xnp = get_library_fns(input_factor.dtype)
             output_factor = xnp.eye(
