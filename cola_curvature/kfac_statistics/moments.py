@@ -70,12 +70,15 @@ def _second_moment(
 ) -> Array:
     """Return ``Σ_{n,t} x xᵀ`` (expand) or ``Σ_n x̄ x̄ᵀ`` with ``x̄ = op_t x`` (reduce).
 
-    Expand is one product ``Xᵀ (Xᵀ)ᵀ`` of the feature-major ``(features, N T)`` matrix, free
-    to form when the features are the slowest axis in memory (the torch backend's inputs).
-    With ``example_major`` (``x`` stored example by example, as autograd returns output
-    gradients) and at least as many positions ``T`` as features, the ``N`` per-example
-    products ``x_nᵀ x_n`` are summed instead: no copy of ``x``, partial sums no larger.
-    Token inputs give the diagonal of their moment (:meth:`TokenInputs.second_moment`).
+    Expand is one product of the ``(N T, features)`` matrix ``X`` with itself, ``Xᵀ X``,
+    read in place whichever way ``x`` is stored: as ``(Xᵀ) (Xᵀ)ᵀ`` when the features are
+    the slowest axis in memory (a torch conv's patches, :func:`_features_slowest`), else as
+    ``Xᵀ X`` of the row-major rows (a linear layer's input as called, an array without
+    strides); neither copies ``x``. With ``example_major`` (``x`` stored example by
+    example, as autograd returns output gradients) and at least as many positions ``T`` as
+    features, the ``N`` per-example products ``x_nᵀ x_n`` are summed instead: partial sums
+    no larger. Token inputs give the diagonal of their moment
+    (:meth:`TokenInputs.second_moment`). Cost ``O(N T features²)``.
     """
     if isinstance(x, TokenInputs):
         return x.second_moment(approx)
@@ -85,24 +88,39 @@ def _second_moment(
     xnp = get_library_fns(x.dtype)
     if example_major and x.shape[1] >= x.shape[-1]:
         return (xnp.moveaxis(x, -1, -2) @ x).sum(0)
-    columns = xnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1)
-    return columns @ columns.T
+    if _features_slowest(x):
+        columns = xnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1)
+        return columns @ columns.T
+    rows = x.reshape(-1, x.shape[-1])
+    return rows.T @ rows
+
+
+def _features_slowest(x: Array) -> bool:
+    """Return whether ``x``'s last axis is its slowest in memory (a strided, feature-major array).
+
+    Arrays without strides (JAX) give ``False``: their row-major reshape is free.
+    """
+    features = x.ndim - 1
+    strides = x.stride() if callable(getattr(x, "stride", None)) else None
+    if strides is None or x.shape[features] == 1:
+        return False
+    return strides[features] == x.numel() // x.shape[features]
 
 
 def _augment(a: Array, layer: Any) -> Array:
     """Return the block's input features ``ã``: ``[a, 1]``, ``a`` or ``[1]``.
 
     The weight contributes ``a`` when it is part of the curvature (``layer.weight_index``
-    is set), the bias a constant 1 (``layer.bias_index`` is set). The ones are appended
-    along the leading axis of the feature-major view, so feature-major inputs stay so.
+    is set), the bias a constant 1 (``layer.bias_index`` is set). The ones are appended as
+    the last feature, one row-major copy (a linear layer's input is stored row by row, so
+    the copy reads it in order; :func:`_second_moment` then reads the rows in place).
     """
     if layer.weight_index is None:
         a = a[..., :0]
     if layer.bias_index is None:
         return a
     xnp = get_library_fns(a.dtype)
-    features = xnp.moveaxis(a, -1, 0)
-    return xnp.moveaxis(xnp.concat([features, xnp.ones_like(features[:1])], axis=0), 0, -1)
+    return xnp.concat([a, xnp.ones_like(a[..., :1])], axis=-1)
 
 
 @dataclass(frozen=True)

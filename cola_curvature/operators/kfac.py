@@ -23,6 +23,11 @@ from cola_curvature.operators.diagonal import DiagonalCurvature
 from cola_curvature.operators.empirical_fisher import EmpiricalFisher
 from cola_curvature.operators.fisher import FisherMC
 from cola_curvature.operators.ggn import GGN
+from cola_curvature.operators.kfac_permutations import (
+    block_permutation,
+    cached_permutations,
+    grid_key,
+)
 from cola_curvature.operators.kronecker import KroneckerFactored
 from cola_curvature.operators.kronecker_blocks import KroneckerBlock
 from cola_curvature.operators.parameter_kronecker import ParameterKroneckerFactored
@@ -81,7 +86,8 @@ def kronecker_factors(
     factors = {}
     for layer in use_layers(layers):
         count = data.num_data * (positions[layer.name] if kfac_approx is KFACApprox.EXPAND else 1)
-        input_factor = input_sums[layer.name] / count
+        input_factor = input_sums[layer.name]
+        input_factor /= count  # this build's own sum: in place for torch, a new array for JAX
         if fisher_type is FisherType.FORWARD_ONLY:
             xnp = get_library_fns(input_factor.dtype)
             output_factor = xnp.eye(
@@ -103,35 +109,6 @@ def kronecker_factors(
 def _accumulate(sums: dict[str, Array], name: str, moment: Array) -> None:
     """Add ``moment`` to ``sums[name]`` out of place; the first one is kept as it is (no copy)."""
     sums[name] = moment if name not in sums else sums[name] + moment
-
-
-def block_permutation(
-    layer: Any, offsets: Sequence[int], separated: bool = False, out: np.ndarray | None = None
-) -> np.ndarray:
-    """Return the user-order positions of the entries of ``vec([W b])`` (row-major).
-
-    Entry ``(o, i)`` of the augmented ``out × in`` matrix is the weight entry at flat
-    position ``layer.weight_positions[o, i]`` of the weight parameter (row-major ``(out, in)``
-    for torch, the transpose for a JAX ``(in, out)`` kernel) for ``i`` below the weight's
-    column count, and bias entry ``o`` in the last column. ``separated``: the order of two
-    blocks instead, ``vec(W)`` then ``b``. Written into ``out`` (``out · in`` integers) when
-    given, with no temporary of that size. Index bookkeeping stays in NumPy (one conversion
-    per operator, not one small device computation per layer).
-    """
-    rows, columns = layer.out_features, layer.in_features
-    out = np.empty(rows * columns, dtype=np.int64) if out is None else out
-    bias = layer.bias_index is not None
-    if separated:
-        weight_part = out[: rows * (columns - 1)].reshape(rows, columns - 1)
-        bias_part = out[rows * (columns - 1) :]
-    else:
-        grid = out.reshape(rows, columns)
-        weight_part, bias_part = grid[:, : columns - bias], grid[:, -1]
-    if layer.weight_index is not None:
-        np.add(layer.weight_positions, offsets[layer.weight_index], out=weight_part)
-    if bias:
-        np.add(np.arange(rows), offsets[layer.bias_index], out=bias_part)
-    return out
 
 
 class KFAC(DataBound, ParameterKroneckerFactored):
@@ -397,9 +374,24 @@ class KFAC(DataBound, ParameterKroneckerFactored):
     def _permutations(self, missing: list[int], blocks: Sequence[Any]) -> tuple[Array, Array]:
         """Return the user-order position of every block-order coordinate, and its inverse.
 
-        Both are written in NumPy into one array each (``O(D)``, no ``D``-sized temporaries
+        Shared with the last operators built on the same layout (:func:`cached_permutations`);
+        otherwise written in NumPy into one array each (``O(D)``, no ``D``-sized temporaries
         but the inverse's ``arange``) and converted once, not scattered on the device.
         """
+        layout = self._backend.layout
+        xnp, device = blocks[0].xnp, blocks[0].device
+        key = (
+            tuple((grid_key(layer), self._separated(layer)) for layer in self.layers),
+            tuple(missing),
+            tuple(layout.sizes),
+            tuple(layout.offsets),
+            xnp.__name__,
+            str(device),
+        )
+        return cached_permutations(key, lambda: self._written_permutations(missing, xnp, device))
+
+    def _written_permutations(self, missing: list[int], xnp: Any, device: Any) -> tuple:
+        """Return :meth:`_permutations`' two arrays, written anew."""
         sizes, offsets = self._backend.layout.sizes, self._backend.layout.offsets
         runs = [layer.out_features * layer.in_features for layer in self.layers]
         permutation = np.empty(sum(runs) + sum(sizes[i] for i in missing), dtype=np.int64)
@@ -413,7 +405,6 @@ class KFAC(DataBound, ParameterKroneckerFactored):
             start += sizes[i]
         inverse = np.empty_like(permutation)
         inverse[permutation] = np.arange(permutation.size)
-        xnp, device = blocks[0].xnp, blocks[0].device
         return (
             xnp.array(permutation, dtype=None, device=device),
             xnp.array(inverse, dtype=None, device=device),

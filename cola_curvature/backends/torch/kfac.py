@@ -269,7 +269,7 @@ def layer_signals(
 
     Raises:
         ValueError: when a layer's weight is called more or less often than on the first
-            batch.
+            batch, or a call differs from its layer (:func:`_checked_call`).
     """
     inputs, targets = batch
     leaves = [p.detach().requires_grad_(True) for p in params]
@@ -285,7 +285,7 @@ def layer_signals(
                 f"layer {layer.name!r} ran {len(layer_calls)} times in one forward pass, "
                 f"{layer.calls} on the first batch; KFAC needs the same calls on every batch."
             )
-        captured[layer.name] = layer_calls[layer.call_index]
+        captured[layer.name] = _checked_call(layer, layer_calls[layer.call_index], index)
     loss.check_target(outputs.detach(), targets)
     examples = outputs.shape[0]
     layer_inputs = {
@@ -297,6 +297,25 @@ def layer_signals(
     cotangents = output_cotangents(loss, outputs.detach(), targets, fisher_type, mc_samples, rng)
     streamed = _backpropagate(outputs, layers, captured, cotangents, examples)
     return LayerSignals(layer_inputs, None, scale, streamed)
+
+
+def _checked_call(layer: KroneckerLayer, call: LayerCall, index: dict[int, int]) -> LayerCall:
+    """Return ``call`` after checking it is the layer's: kind, weight shape, weight and bias.
+
+    The layers may have been found on an earlier build (:mod:`layer_cache`); a model whose
+    calls changed since must not be served the old layers.
+    """
+    bias_index = index.get(id(call.bias)) if call.bias is not None else None
+    found = (call.kind, tuple(call.weight.shape), index.get(id(call.weight)), bias_index)
+    expected = (layer.kind, layer.weight_shape, layer.weight_index, layer.bias_index)
+    if found != expected:
+        raise ValueError(
+            f"layer {layer.name!r} is a {found[0]} call with weight shape {found[1]} on "
+            f"params {found[2:]} in this forward pass, but a {expected[0]} call with weight "
+            f"shape {expected[1]} on params {expected[2:]} when the layers were found; KFAC "
+            "needs the same calls on every batch."
+        )
+    return call
 
 
 def _backpropagate(
