@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cola_curvature._checks import check_array_library
 from cola_curvature.backends._protocol import require_loss
-from cola_curvature.backends.torch import kfac, layer_cache, per_example, products
+from cola_curvature.backends.torch import kfac, per_example, products
 from cola_curvature.backends.torch.compiled import CompiledProducts
 from cola_curvature.backends.torch.distributed import TorchProcessGroup
 from cola_curvature.backends.torch.layout import TENSORS, tensor_layout
@@ -300,8 +300,8 @@ class TorchBackend:
         """
         with self.preserved_state():  # a DataLoader's iterator draws from the global RNG
             inputs, _ = next(iter(data))
-            layers, self.uncovered_reasons = layer_cache.cached_kronecker_layers(
-                self._model, self._model_fn, self._params, self._names, inputs
+            layers, self.uncovered_reasons = kfac.kronecker_layers(
+                self._model_fn(), self._params, self._names, inputs
             )
         return layers
 

@@ -302,8 +302,8 @@ def layer_signals(
 def _checked_call(layer: KroneckerLayer, call: LayerCall, index: dict[int, int]) -> LayerCall:
     """Return ``call`` after checking it is the layer's: kind, weight shape, weight and bias.
 
-    The layers may have been found on an earlier build (:mod:`layer_cache`); a model whose
-    calls changed since must not be served the old layers.
+    The layers were found on the first batch; a forward pass that branches on something
+    else (a global flag, the data) and calls the layer differently on a later batch raises.
     """
     bias_index = index.get(id(call.bias)) if call.bias is not None else None
     found = (call.kind, tuple(call.weight.shape), index.get(id(call.weight)), bias_index)
