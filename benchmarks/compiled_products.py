@@ -21,7 +21,7 @@ import cola_curvature as cc
 from benchmarks.workloads import torch_problem
 
 
-def _seconds(thunk: Callable[[], object], repeats: int) -> float:
+def median_seconds(thunk: Callable[[], object], repeats: int) -> float:
     """Return the median wall time of ``repeats`` calls of ``thunk``."""
     times = []
     for _ in range(repeats):
@@ -55,9 +55,9 @@ def measure(name: str, rounds: int, repeats: int) -> dict[str, float]:
             thunks[f"{label} @ v" + (" (compiled)" if compiled else "")] = lambda op=op: op @ v
     ratios: dict[str, list[float]] = {key: [] for key in thunks}
     for _ in range(rounds):
-        unit = _seconds(gradient, repeats)
+        unit = median_seconds(gradient, repeats)
         for key, thunk in thunks.items():
-            ratios[key].append(_seconds(thunk, repeats) / unit)
+            ratios[key].append(median_seconds(thunk, repeats) / unit)
         result.setdefault("gradient ms", unit * 1e3)
     result.update({key: statistics.median(values) for key, values in ratios.items()})
     return result

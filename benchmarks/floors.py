@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import cola_curvature as cc
+from benchmarks.compiled_products import median_seconds
 from benchmarks.workloads import kfac_params, torch_problem
 
 
@@ -85,18 +86,16 @@ def eigenbasis_matvec(size: int = 785, repeats: int = 200) -> dict[str, float]:
     jax_basis, jax_vector = jnp.asarray(basis), jnp.asarray(vector)
     compiled = jax.jit(lambda q, v: q.T @ (q @ v))
 
-    def median(thunk: Callable[[], object]) -> float:
-        thunk()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            thunk()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def torch_product() -> object:
+        return torch_basis.T @ (torch_basis @ torch_vector)
 
+    def jax_product() -> object:
+        return compiled(jax_basis, jax_vector).block_until_ready()
+
+    jax_product()  # compile
     return {
-        "torch": median(lambda: torch_basis.T @ (torch_basis @ torch_vector)),
-        "jax": median(lambda: compiled(jax_basis, jax_vector).block_until_ready()),
+        "torch": median_seconds(torch_product, repeats),
+        "jax": median_seconds(jax_product, repeats),
     }
 
 
