@@ -383,8 +383,7 @@ class KFAC(DataBound, ParameterKroneckerFactored):
         key = (
             tuple((grid_key(layer), self._separated(layer)) for layer in self.layers),
             tuple(missing),
-            tuple(layout.sizes),
-            tuple(layout.offsets),
+            tuple(layout.sizes),  # the offsets are their running sums
             xnp.__name__,
             str(device),
         )
